@@ -1,0 +1,74 @@
+"""Host-side state of one request: its tokens so far, its text, and when it stops."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from shardinfer.engine.sampling import SamplingParams
+from shardinfer.weights.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What generate/chat return for each prompt (vLLM's shape, flattened to one completion)."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (an end token or stop string) | "length"
+
+
+@dataclasses.dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    end_ids: frozenset[int]  # EOS (unless ignore_eos) and stop_token_ids
+    tokenizer: Tokenizer | None
+    max_seq_len: int
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out by `take_delta`
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int) -> None:
+        """Adds one generated token and decides whether the request is finished."""
+        if self.done:
+            return
+        self.output_ids.append(token)
+        if token in self.end_ids:
+            self.finish_reason = "stop"
+        elif self.tokenizer is not None:
+            self.text = self.tokenizer.decode(self.output_ids)
+            cut = min((i for s in self.params.stop if (i := self.text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.finish_reason = self.text[:cut], "stop"
+        if self.done:
+            return
+        total = len(self.prompt_ids) + len(self.output_ids)
+        if len(self.output_ids) >= self.params.max_tokens or total >= self.max_seq_len:
+            self.finish_reason = "length"
+
+    def take_delta(self) -> str:
+        """New text since the last call. While running, holds back an incomplete UTF-8
+        character and any tail that could still become a stop string."""
+        end = len(self.text)
+        if not self.done:
+            while end and self.text[end - 1] == "\ufffd":
+                end -= 1
+            for stop in self.params.stop:
+                for n in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text[:end].endswith(stop[:n]):
+                        end -= n
+                        break
+        delta = self.text[self.emitted : max(end, self.emitted)]
+        self.emitted = max(end, self.emitted)
+        return delta
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            list(self.prompt_ids), list(self.output_ids), self.text, self.finish_reason or "length"
+        )

@@ -1,0 +1,91 @@
+"""Building named device meshes from specs like "data=2,model=4"."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+MeshSpec = str | Mapping[str, int] | None
+
+# The two axes the default sharding rules use. Any other names are allowed too.
+DATA, MODEL = "data", "model"
+
+
+def parse_mesh_spec(spec: MeshSpec) -> dict[str, int]:
+    """ "data=2,model=4" or {"data": 2, "model": 4} -> an ordered dict of axis sizes."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    elif isinstance(spec, str):
+        items = []
+        for part in (p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            name, sep, size = part.partition("=")
+            if not sep:
+                raise ValueError(f"mesh axis {part!r} must look like name=size, e.g. 'data=2'")
+            try:
+                items.append((name.strip(), int(size)))
+            except ValueError:
+                msg = f"mesh axis {name.strip()!r} has a non-integer size {size!r}"
+                raise ValueError(msg) from None
+    else:
+        raise ValueError(f"a mesh spec is a string like 'data=2,model=4' or a dict, got {spec!r}")
+    axes: dict[str, int] = {}
+    for name, size in items:
+        if not name.isidentifier():
+            raise ValueError(f"mesh axis name {name!r} is not a valid name")
+        if name in axes:
+            raise ValueError(f"mesh axis {name!r} appears twice")
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"mesh axis {name!r} has size {size}; sizes are >= 1, or -1 to fill")
+        axes[name] = size
+    return axes
+
+
+def make_mesh(spec: MeshSpec = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all devices, all on `data`), in topology order.
+
+    One axis may be -1: it takes whatever the others leave. Axis types are Auto: shardings
+    propagate from the parameters and a few constraints at block edges (see sharding.py).
+    """
+    all_devices = list(devices) if devices is not None else jax.devices()
+    n = len(all_devices)
+    if n == 0:
+        raise ValueError("make_mesh got an empty device list")
+    axes = parse_mesh_spec(spec) or {DATA: n}
+    fill = [name for name, size in axes.items() if size == -1]
+    if len(fill) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {', '.join(fill)}")
+    known = math.prod(size for size in axes.values() if size != -1)
+    if fill:
+        if n % known:
+            raise ValueError(f"cannot fill axis {fill[0]!r}: {n} devices do not divide by {known}")
+        axes[fill[0]] = n // known
+    if math.prod(axes.values()) != n:
+        shape = ", ".join(f"{k}={v}" for k, v in axes.items())
+        raise ValueError(
+            f"mesh axes ({shape}) multiply to {math.prod(axes.values())}, but there are {n} devices"
+        )
+    shape, names = tuple(axes.values()), tuple(axes.keys())
+    auto = (AxisType.Auto,) * len(names)
+    if devices is None:
+        return jax.make_mesh(shape, names, axis_types=auto)
+    # An explicit subset: still order it by topology where the platform knows how.
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices=all_devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.array(all_devices, dtype=object).reshape(shape)
+    return Mesh(grid, names, axis_types=auto)
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    axes = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    platform = mesh.devices.flat[0].platform
+    return f"Mesh({axes}) over {mesh.devices.size} {platform} device(s)"

@@ -1,0 +1,171 @@
+"""`load_model` and the `Model` handle: a sharded parameter tree plus what it needs to run."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from shardinfer.config import ModelConfig
+from shardinfer.mesh import MeshSpec, make_mesh
+from shardinfer.models.llama import Llama
+from shardinfer.sharding import Sharder, ShardingRules
+from shardinfer.weights.gguf_file import GGUFFile
+from shardinfer.weights.hf import SafetensorsDirectory, read_hf_config
+from shardinfer.weights.loader import load_params, param_shardings
+from shardinfer.weights.registry import registry_names, resolve_registry_name
+from shardinfer.weights.tokenizer import Tokenizer
+
+log = logging.getLogger("shardinfer")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def resolve_dtype(dtype: Any, platform: str) -> jnp.dtype:
+    """None picks float32 on CPU (fastest for matrix-vector work there), bfloat16 elsewhere."""
+    if dtype is None:
+        return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32 or bfloat16") from e
+    if resolved not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dtype {resolved} is not a float compute dtype (float32, bfloat16)")
+    return resolved
+
+
+def as_mesh(mesh: Mesh | MeshSpec) -> Mesh:
+    return mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
+
+
+@dataclasses.dataclass
+class Model:
+    config: ModelConfig
+    mesh: Mesh
+    sharder: Sharder
+    graphdef: nnx.GraphDef
+    state: nnx.State  # parameters, each a jax.Array sharded over `mesh`
+    dtype: jnp.dtype
+    tokenizer: Tokenizer | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self._logits_fn = jax.jit(partial(_full_logits, self.graphdef))
+
+    @property
+    def data_size(self) -> int:
+        return self.sharder.axis_size("batch")
+
+    def logits(self, token_ids) -> np.ndarray:
+        """int [B, T] -> float32 [B, T, vocab]: a plain causal forward pass, no cache."""
+        tokens = np.asarray(token_ids)
+        if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(
+                f"token_ids must be a non-empty [batch, seq] array, got {tokens.shape}"
+            )
+        check_token_ids(tokens, self.config.vocab_size)
+        if tokens.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {tokens.shape[1]} tokens exceeds the model's "
+                f"{self.config.max_position_embeddings} positions"
+            )
+        batch = tokens.shape[0]
+        padded = pad_rows(tokens.astype(np.int32), self.data_size)
+        sharding = self.sharder.sharding(("batch", "seq"), padded.shape)
+        out = self._logits_fn(self.state, jax.device_put(padded, sharding))
+        return np.asarray(out)[:batch]
+
+    def sharding_table(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(parameter, shape, PartitionSpec) for every parameter, layers folded into one row."""
+        rows: dict[str, tuple[tuple[int, ...], str]] = {}
+        for path, var in nnx.to_flat_state(self.state):
+            name = ".".join("*" if isinstance(p, int) else str(p) for p in path)
+            value = var.get_value()
+            rows.setdefault(name, (tuple(value.shape), str(value.sharding.spec)))
+        return [(name, shape, spec) for name, (shape, spec) in rows.items()]
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state))
+
+
+def pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
+    """Pads axis 0 up to a multiple (a batch that does not divide the `data` axis)."""
+    extra = -array.shape[0] % multiple
+    if not extra:
+        return array
+    return np.concatenate([array, np.zeros((extra, *array.shape[1:]), array.dtype)])
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int) -> None:
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {tokens.dtype}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}); got {tokens.min()}..{tokens.max()}"
+        )
+
+
+def _full_logits(graphdef, state, tokens):
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, _ = model(tokens, positions)
+    return model.logits(hidden)
+
+
+def abstract_model(config: ModelConfig, sharder: Sharder, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes, dtypes and logical axes of every parameter; no memory is allocated."""
+    abstract = nnx.eval_shape(lambda: Llama(config, sharder, dtype, nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def init_random_model(
+    config: ModelConfig, mesh: Mesh | MeshSpec = None, dtype=None, seed: int = 0
+) -> Model:
+    """Random weights created in place on their shards (for benchmarks of untrained configs)."""
+    mesh = as_mesh(mesh)
+    dtype = resolve_dtype(dtype, mesh.devices.flat[0].platform)
+    sharder = Sharder(mesh, ShardingRules.load())
+    graphdef, abstract = abstract_model(config, sharder, dtype)
+    shardings = param_shardings(abstract, sharder)
+
+    @partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.split(Llama(config, sharder, dtype, nnx.Rngs(seed)))[1]
+
+    return Model(config, mesh, sharder, graphdef, init(), dtype, None, "random")
+
+
+def load_model(
+    source: str | Path = DEFAULT_MODEL,
+    mesh: Mesh | MeshSpec = None,
+    dtype: Any = None,
+    rules: ShardingRules | None = None,
+) -> Model:
+    """Loads a registry name, a Hugging Face directory or a .gguf file straight into shards."""
+    mesh = as_mesh(mesh)
+    dtype = resolve_dtype(dtype, mesh.devices.flat[0].platform)
+    sharder = Sharder(mesh, rules or ShardingRules.load())
+    path = resolve_registry_name(str(source)) or Path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        config = read_hf_config(path)
+        tensors, tokenizer = SafetensorsDirectory(path), Tokenizer.from_hf_dir(path)
+    elif path.is_file() and path.suffix == ".gguf":
+        gguf = GGUFFile(path)
+        config, tensors, tokenizer = gguf.config, gguf, Tokenizer.from_gguf(gguf)
+    else:
+        raise ValueError(
+            f"cannot load {str(source)!r}: not a registry name ({', '.join(registry_names())}), "
+            "a Hugging Face directory with config.json, or a .gguf file"
+        )
+    graphdef, abstract = abstract_model(config, sharder, dtype)
+    state = load_params(abstract, sharder, tensors, config, dtype)
+    log.info("loaded %s: %s, %s", source, config.architecture, dtype)
+    return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, str(source))

@@ -1,0 +1,163 @@
+"""The Llama decoder family (Llama 2/3, Mistral, Qwen2, SmolLM2) as Flax NNX modules.
+
+Every parameter carries logical axis names (`logical_axes=`), which sharding.py maps onto the
+mesh. The KV cache is never module state: `__call__` returns this step's new keys and values and
+the engine writes them into the cache it owns.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shardinfer.config import ModelConfig
+from shardinfer.models.rope import apply_rope, inverse_frequencies, rope_tables
+from shardinfer.sharding import Sharder
+
+NEG_INF = -1e30
+
+
+class LayerKV(NamedTuple):
+    k: jax.Array  # [batch, seq, kv_heads, head_dim]
+    v: jax.Array  # [batch, seq, kv_heads, head_dim]
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float = 0.02) -> nnx.Param:
+    value = scale * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def _zeros(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, (e, hq, d), ("embed", "q_heads", "head_dim"), dtype)
+        self.k_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = _param(rngs, (hq, d, e), ("q_heads", "head_dim", "embed"), dtype)
+        if cfg.qkv_bias:
+            self.q_bias = _zeros((hq, d), ("q_heads", "head_dim"), dtype)
+            self.k_bias = _zeros((hkv, d), ("kv_heads", "head_dim"), dtype)
+            self.v_bias = _zeros((hkv, d), ("kv_heads", "head_dim"), dtype)
+        if cfg.o_bias:
+            self.o_bias = _zeros((e,), ("embed",), dtype)
+        self.cfg = cfg
+
+    def __call__(self, x, positions, rope, cache: LayerKV | None):
+        """x [B, T, E]. Without a cache: causal attention among these T tokens. With a cache
+        (decode): each row attends its cached keys before positions[:, 0], then itself."""
+        cfg = self.cfg
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...])
+        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...])
+        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...])
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        b, t, hq, d = q.shape
+        groups = hq // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, d) * (d**-0.5)
+        # Scores [B, kv_heads, groups, T, S]; softmax in float32 whatever the compute dtype.
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+        allowed = _visible(positions[:, :, None], positions[:, None, :], cfg.sliding_window)
+        scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
+        values = v
+        if cache is not None:
+            cached = jnp.einsum("btkgd,bskd->bkgts", q, cache.k).astype(jnp.float32)
+            slot_pos = jnp.arange(cache.k.shape[1])[None, None, :]
+            seen = slot_pos < positions[:, :1, None]  # only what earlier steps wrote
+            seen &= _visible(positions[:, :, None], slot_pos, cfg.sliding_window)
+            scores = jnp.concatenate([jnp.where(seen[:, None, None], cached, NEG_INF), scores], -1)
+            values = jnp.concatenate([cache.v, v], axis=1)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, hq, d)
+        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...])
+        if cfg.o_bias:
+            out = out + self.o_bias[...]
+        return out, LayerKV(k, v)
+
+
+def _visible(q_pos, k_pos, window: int | None):
+    ok = k_pos <= q_pos
+    if window is not None:
+        ok &= q_pos - k_pos < window
+    return ok
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+        self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+        self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
+
+    def __call__(self, x):
+        gate = jnp.einsum("bte,em->btm", x, self.gate_proj[...])
+        up = jnp.einsum("bte,em->btm", x, self.up_proj[...])
+        return jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, self.down_proj[...])
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, positions, rope, cache):
+        with jax.named_scope("attention"):
+            attn, kv = self.self_attn(self.input_layernorm(x), positions, rope, cache)
+        x = x + attn
+        with jax.named_scope("mlp"):
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, sharder: Sharder, dtype, rngs: nnx.Rngs):
+        self.cfg, self.sharder = cfg, sharder
+        self.embed_tokens = _param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype
+        )
+        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype
+            )
+
+    def __call__(self, tokens, positions, cache: tuple[LayerKV, ...] | None = None):
+        """tokens, positions [B, T] -> final hidden states [B, T, E] and each layer's new k/v."""
+        edge = ("batch", "seq", "embed")
+        x = self.sharder.constrain(jnp.take(self.embed_tokens[...], tokens, axis=0), edge)
+        rope = rope_tables(positions, inverse_frequencies(self.cfg))
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, kv = layer(x, positions, rope, None if cache is None else cache[i])
+            x = self.sharder.constrain(x, edge)
+            new_kv.append(kv)
+        return self.norm(x), tuple(new_kv)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, T, E] -> float32 logits [B, T, vocab], against the (vocab, embed) table."""
+        table = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+        logits = jnp.einsum("bte,ve->btv", hidden, table[...])
+        return self.sharder.constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))

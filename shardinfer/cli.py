@@ -1,0 +1,121 @@
+"""The `shardinfer` command line. The only module that reads argv or environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def _set_host_devices(n: int | None) -> None:
+    """Must run before jax initialises its backend: XLA reads the flag once."""
+    if n is None:
+        return
+    if n < 1:
+        raise SystemExit(f"--host-devices must be >= 1, got {n}")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device" not in f]
+    flags.append(f"--xla_force_host_platform_device_count={n}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardinfer", description="Sharded inference with JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--model", default="smollm2-135m-instruct", help="registry name or path")
+        cmd.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all on data)")
+        cmd.add_argument("--host-devices", type=int, default=None, help="simulate N CPU devices")
+        cmd.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
+        cmd.add_argument("-v", "--verbose", action="store_true", help="log sharding decisions")
+
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    common(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-seq-len", type=int, default=1024)
+    gen.add_argument("--raw", action="store_true", help="skip the chat template")
+
+    info = sub.add_parser("info", help="devices, processes, version")
+    info.add_argument("--host-devices", type=int, default=None)
+    return p
+
+
+def _info() -> None:
+    import jax
+
+    import shardinfer
+
+    print(f"shardinfer {shardinfer.__version__}, jax {jax.__version__}")
+    print(f"process {jax.process_index()} of {jax.process_count()}")
+    print(f"backend {jax.default_backend()}: {jax.device_count()} device(s)")
+    for d in jax.devices():
+        print(f"  {d.id}: {d.device_kind} (process {d.process_index})")
+
+
+def _print_sharding(model) -> None:
+    from shardinfer.mesh import describe_mesh
+
+    print(describe_mesh(model.mesh), file=sys.stderr)
+    rows = model.sharding_table()
+    width = max(len(name) for name, _, _ in rows)
+    for name, shape, spec in rows:
+        print(f"  {name:<{width}}  {shape!s:<18} {spec}", file=sys.stderr)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import shardinfer as si
+
+    started = time.perf_counter()
+    model = si.load_model(args.model, mesh=args.mesh, dtype=args.dtype)
+    print(f"loaded {args.model} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    _print_sharding(model)
+    llm = si.LLM(model, max_batch=len(args.prompt), max_seq_len=args.max_seq_len)
+    params = si.SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    started = time.perf_counter()
+    if args.raw:
+        outs = llm.generate(args.prompt, params)
+    else:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    seconds = time.perf_counter() - started
+    for prompt, out in zip(args.prompt, outs, strict=True):
+        if len(args.prompt) > 1:
+            print(f"### {prompt}")
+        print(out.text)
+    tokens = sum(len(o.token_ids) for o in outs)
+    print(
+        f"{tokens} tokens in {seconds:.2f}s ({tokens / seconds:.1f} tok/s, compile included)",
+        file=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _set_host_devices(args.host_devices)
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "info":
+            _info()
+        elif args.command == "generate":
+            _generate(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The README's main command, end to end in a fresh process."""
+
+import os
+import subprocess
+import sys
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run(
+        [sys.executable, "-m", "shardinfer.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_generate_on_a_simulated_mesh():
+    done = _run(
+        "generate",
+        "--host-devices",
+        "8",
+        "--mesh",
+        "data=2,model=4",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "12",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    assert "Mesh(data=2, model=4) over 8 cpu device(s)" in done.stderr
+    assert "layers.*.mlp.gate_proj" in done.stderr and "P(None, 'model')" in done.stderr
+    assert "tok/s" in done.stderr
+
+
+def test_info_lists_simulated_devices():
+    done = _run("info", "--host-devices", "4")
+    assert done.returncode == 0, done.stderr
+    assert "4 device(s)" in done.stdout
+
+
+def test_bad_mesh_is_a_clear_error():
+    done = _run("generate", "--host-devices", "8", "--mesh", "data=3", "--prompt", "hi")
+    assert done.returncode == 2
+    assert "multiply to 3, but there are 8 devices" in done.stderr

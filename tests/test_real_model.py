@@ -1,0 +1,118 @@
+"""The default model (SmolLM2-135M-Instruct GGUF, Q4_1) against transformers loading the same file."""
+
+import pytest
+import torch
+
+import shardinfer as si
+from shardinfer.weights.registry import resolve_registry_name
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name three primary colors."},
+    ],
+]
+GREEDY = si.SamplingParams(max_tokens=32, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return resolve_registry_name("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return si.LLM("smollm2-135m-instruct", mesh="data=2,model=4", max_batch=4, max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def hf(gguf_path):
+    import transformers
+
+    kwargs = dict(gguf_file=gguf_path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, dtype=torch.float32, **kwargs
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    return model, tokenizer
+
+
+def test_chat_template_and_tokens_match_hf(llm, hf):
+    _, hf_tokenizer = hf
+    for chat in CHATS:
+        ours = llm.tokenizer.apply_chat_template(chat)
+        assert ours == hf_tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True
+        )
+        assert llm.tokenizer.encode(ours, add_special_tokens=False) == hf_tokenizer.encode(
+            ours, add_special_tokens=False
+        )
+
+
+def test_greedy_chat_matches_hf(llm, hf):
+    hf_model, _ = hf
+    outs = llm.chat(CHATS, GREEDY)
+    for out in outs:
+        prompt = torch.tensor([out.prompt_token_ids])
+        with torch.no_grad():
+            expected = hf_model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32
+            )[0, prompt.shape[1] :].tolist()
+        assert out.token_ids == expected
+        assert out.text.strip()
+    assert "Paris" in outs[0].text
+
+
+def test_stream_equals_generate(llm):
+    prompt = llm.tokenizer.apply_chat_template(CHATS[1])
+    pieces = list(llm.stream(prompt, GREEDY))
+    assert len(pieces) > 3
+    assert "".join(pieces) == llm.generate(prompt, GREEDY)[0].text
+
+
+def test_stop_string_cuts_the_text(llm):
+    prompt = llm.tokenizer.apply_chat_template(CHATS[0])
+    full = llm.generate(prompt, GREEDY)[0].text
+    stop = full.split()[2]  # a word from the middle of the greedy answer
+    out = llm.generate(prompt, si.SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full[: full.index(stop)]
+    streamed = "".join(
+        llm.stream(prompt, si.SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]))
+    )
+    assert streamed == out.text
+
+
+def test_stop_token_ids_and_eos(llm):
+    out = llm.chat(CHATS[0], GREEDY)[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == 2  # <|im_end|>
+    second = out.token_ids[1]
+    cut = llm.chat(
+        CHATS[0], si.SamplingParams(max_tokens=32, temperature=0, stop_token_ids=[second])
+    )
+    assert cut[0].token_ids == out.token_ids[:2] and cut[0].finish_reason == "stop"
+    short = llm.chat(CHATS[0], si.SamplingParams(max_tokens=3, temperature=0))[0]
+    assert short.token_ids == out.token_ids[:3] and short.finish_reason == "length"
+
+
+def test_sampling_is_seeded_and_mixed_batches_share_a_step(llm):
+    sampled = si.SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, top_k=40, seed=7)
+    prompts = [llm.tokenizer.apply_chat_template(c) for c in CHATS]
+    first = llm.generate(prompts, [sampled, GREEDY, sampled])
+    again = llm.generate(prompts[:1], sampled)
+    assert first[0].token_ids == again[0].token_ids  # same seed, other batch: same tokens
+    assert first[1].token_ids == llm.generate(prompts[1], GREEDY)[0].token_ids
+    other_seed = llm.generate(
+        prompts[:1], si.SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, top_k=40, seed=8)
+    )
+    assert other_seed[0].token_ids != first[0].token_ids
+    top1 = llm.generate(prompts[1], si.SamplingParams(max_tokens=16, temperature=1.0, top_k=1))
+    assert top1[0].token_ids == llm.generate(prompts[1], GREEDY)[0].token_ids[:16]
+
+
+def test_more_prompts_than_rows(llm):
+    prompts = [llm.tokenizer.apply_chat_template(c) for c in CHATS] * 2  # 6 prompts, 4 rows
+    outs = llm.generate(prompts, si.SamplingParams(max_tokens=8, temperature=0.0))
+    assert [o.token_ids for o in outs[:3]] == [o.token_ids for o in outs[3:]]

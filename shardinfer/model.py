@@ -122,7 +122,7 @@ def _full_logits(graphdef, state, tokens):
 
 def abstract_model(config: ModelConfig, sharder: Sharder, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     """Shapes, dtypes and logical axes of every parameter; no memory is allocated."""
-    abstract = nnx.eval_shape(lambda: Llama(config, sharder, dtype, nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llama(config, sharder, dtype, None))
     return nnx.split(abstract)
 
 

@@ -93,7 +93,7 @@ def test_missing_tensor(tiny_llama, tmp_path):
     raw = json.loads((bad / "config.json").read_text())
     raw["num_hidden_layers"] = 3
     (bad / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match="no tensor 'model.layers.2.input_layernorm.weight'"):
+    with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.2\.input_layernorm\.weight'"):
         si.load_model(bad)
 
 

@@ -1,4 +1,4 @@
-"""The default model (SmolLM2-135M-Instruct GGUF, Q4_1) against transformers loading the same file."""
+"""The default model (SmolLM2-135M-Instruct, GGUF Q4_1) against transformers on the same file."""
 
 import pytest
 import torch

@@ -25,7 +25,10 @@ class LayerKV(NamedTuple):
     v: jax.Array  # [batch, seq, kv_heads, head_dim]
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float = 0.02) -> nnx.Param:
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, scale: float = 0.02) -> nnx.Param:
+    """Random normal weights; zeros when rngs is None (abstract shapes: cheaper to trace)."""
+    if rngs is None:
+        return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
     value = scale * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
@@ -46,7 +49,7 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
         e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = _param(rngs, (e, hq, d), ("embed", "q_heads", "head_dim"), dtype)
         self.k_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dtype)
@@ -102,7 +105,7 @@ def _visible(q_pos, k_pos, window: int | None):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
         e, m = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
         self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
@@ -115,7 +118,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, dtype, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -131,7 +134,7 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, sharder: Sharder, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, sharder: Sharder, dtype, rngs: nnx.Rngs | None):
         self.cfg, self.sharder = cfg, sharder
         self.embed_tokens = _param(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from shardinfer.config import ModelConfig, RopeScaling
+from shardinfer.weights.gguf_reader import read_gguf, tensor_bytes
 
 # GGUF tensor name (inside blk.N.) -> Hugging Face name (inside model.layers.N.)
 _LAYER_NAMES = {
@@ -54,31 +55,20 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 class GGUFFile:
     def __init__(self, path: str | Path):
-        import gguf  # imported here: only GGUF users pay its import time
-
         self.path = Path(path)
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises assorted errors on a bad file
-            raise ValueError(f"{self.path}: not a readable GGUF file ({e})") from e
-        self._dequantize = gguf.quants.dequantize
-        self.fields: dict[str, Any] = {}
-        for key, field in self._reader.fields.items():
-            if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "merges", "type")):
-                self.fields[key] = field  # large arrays: decoded only when asked for
-            else:
-                self.fields[key] = field.contents()
+        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._contents = read_gguf(self.path, self._mmap)
+        self.fields: dict[str, Any] = self._contents.fields
         self.arch = self.fields.get("general.architecture")
         self._tensors = {}
-        for t in self._reader.tensors:
+        for t in self._contents.tensors.values():
             name = _hf_name(t.name)
             if name is not None:
                 self._tensors[name] = t
         self.config = self._config()
 
     def array_field(self, key: str) -> list | None:
-        field = self.fields.get(key)
-        return None if field is None else field.contents()
+        return self.fields.get(key)
 
     def _config(self) -> ModelConfig:
         if self.arch not in ("llama", "qwen2"):
@@ -115,13 +105,16 @@ class GGUFFile:
         return name in self._tensors
 
     def get(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize  # imported here: only GGUF users pay for it
+
         t = self._tensors[name]
-        if t.tensor_type.name not in _SUPPORTED_TYPES:
+        qtype, raw = tensor_bytes(self._mmap, self._contents, t, self.path)
+        if qtype.name not in _SUPPORTED_TYPES:
             raise ValueError(
-                f"{self.path}: tensor {t.name!r} is {t.tensor_type.name}; supported: "
+                f"{self.path}: tensor {t.name!r} is {qtype.name}; supported: "
                 f"{', '.join(sorted(_SUPPORTED_TYPES))}"
             )
-        w = np.asarray(self._dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = np.asarray(dequantize(raw, qtype), dtype=np.float32)
         if self.arch == "llama" and name.endswith("q_proj.weight"):
             w = _unpermute(w, self.config.num_heads)
         elif self.arch == "llama" and name.endswith("k_proj.weight"):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import shardinfer as si
+from shardinfer.engine.engine import decode_logits, insert, prefill_logits
 from shardinfer.engine.kv_cache import init_cache
-from shardinfer.engine.steps import decode_logits, prefill_logits
 
 
 @pytest.mark.parametrize("mesh", ["data=2,model=4", "model=8"])
@@ -18,10 +18,13 @@ def test_cached_decode_equals_full_forward(tiny_hf, mesh):
     full = model.logits(tokens)  # [rows, total, vocab]
 
     cache = init_cache(model.config, model.sharder, rows, 32, model.dtype)
-    prefill = jax.jit(lambda s, c, t, n: prefill_logits(model.graphdef, s, c, t, n))
+    prefill = jax.jit(lambda s, t, n: prefill_logits(model.graphdef, s, t, n))
     decode = jax.jit(lambda s, c, t, p: decode_logits(model.graphdef, s, c, t, p))
     padded = np.where(np.arange(bucket) < prompt_lengths[:, None], tokens[:, :bucket], 0)
-    logits, cache = prefill(model.state, cache, padded, prompt_lengths)
+    logits, kv = prefill(model.state, padded, prompt_lengths)
+    for row in range(rows):  # as the engine does: each prefilled row into its own slot
+        row_kv = jax.tree.map(lambda a, r=row: a[r : r + 1], kv)
+        cache = insert(cache, row_kv, row)
     np.testing.assert_allclose(logits, full[np.arange(rows), prompt_lengths - 1], atol=1e-4, rtol=0)
     positions = prompt_lengths.copy()
     for _ in range(total - prompt_lengths.max()):

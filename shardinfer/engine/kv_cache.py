@@ -36,17 +36,6 @@ def init_cache(cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int, dty
     return zeros()
 
 
-def write_prefix(cache: KVCache, new: KVCache) -> KVCache:
-    """Prefill: each layer's new k/v [B, T, ...] goes to positions 0..T-1."""
-    return tuple(
-        LayerKV(
-            jax.lax.dynamic_update_slice(c.k, n.k.astype(c.k.dtype), (0, 0, 0, 0)),
-            jax.lax.dynamic_update_slice(c.v, n.v.astype(c.v.dtype), (0, 0, 0, 0)),
-        )
-        for c, n in zip(cache, new, strict=True)
-    )
-
-
 def write_at(cache: KVCache, new: KVCache, positions: jax.Array) -> KVCache:
     """Decode: row b's single new k/v [B, 1, ...] goes to position positions[b]."""
     rows = jnp.arange(positions.shape[0])

@@ -5,36 +5,27 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from shardinfer.engine.kv_cache import init_cache
+from shardinfer.engine.engine import Engine
+from shardinfer.engine.metrics import EngineMetrics
 from shardinfer.engine.request import Request, RequestOutput
-from shardinfer.engine.sampling import SamplingArrays, SamplingParams
-from shardinfer.engine.steps import jit_steps
+from shardinfer.engine.sampling import SamplingParams
+from shardinfer.engine.scheduler import Scheduler
 from shardinfer.mesh import MeshSpec
 from shardinfer.model import DEFAULT_MODEL, Model, check_token_ids, load_model
 
 Prompt = str | Sequence[int]
-MIN_BUCKET = 16
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 
 
-def bucket_length(n: int, limit: int) -> int:
-    """The padded prompt length: the next power of two (at least MIN_BUCKET), capped at limit."""
-    size = MIN_BUCKET
-    while size < n:
-        size *= 2
-    return min(size, limit)
-
-
 class LLM:
-    """A model plus a KV cache of `max_batch` rows, sharded over the mesh.
+    """A model plus an engine of `max_batch` decode slots, sharded over the mesh.
 
-    Requests run in batches of up to `max_batch` rows: one prefill, then one jitted decode step
-    per token for the whole batch, until every row has stopped.
+    Any number of requests go through the slots with continuous batching: a finished request's
+    slot is refilled at once while the others keep decoding.
     """
 
     def __init__(
@@ -58,9 +49,12 @@ class LLM:
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
         self.tokenizer = self.model.tokenizer
-        self._prefill, self._decode = jit_steps(self.model.graphdef)
-        self._cache = None
-        self.last_decode_tokens_per_s = 0.0
+        self.engine = Engine(self.model, self.max_batch, self.max_seq_len)
+        self.scheduler = Scheduler(self.engine)
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        return self.scheduler.metrics
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -151,50 +145,15 @@ class LLM:
     # ---- the loop -----------------------------------------------------------------------------
 
     def _run(self, requests: list[Request]) -> Iterator[None]:
-        """Runs requests batch by batch; yields after every step so callers can stream."""
-        for start in range(0, len(requests), self.max_batch):
-            yield from self._run_batch(requests[start : start + self.max_batch])
-
-    def _run_batch(self, batch: list[Request]) -> Iterator[None]:
-        model, rows = self.model, self.max_batch
-        if self._cache is None:
-            self._cache = init_cache(
-                model.config, model.sharder, rows, self.max_seq_len, model.dtype
-            )
-        width = bucket_length(max(len(r.prompt_ids) for r in batch), self.max_seq_len)
-        tokens = np.zeros((rows, width), np.int32)
-        lengths = np.ones(rows, np.int32)  # padding rows: one dummy token
-        for i, r in enumerate(batch):
-            tokens[i, : len(r.prompt_ids)] = r.prompt_ids
-            lengths[i] = len(r.prompt_ids)
-        sampling = SamplingArrays.for_rows([r.params for r in batch] + [None] * (rows - len(batch)))
-        put = self._put_rows
-        new, self._cache = self._prefill(
-            model.state,
-            self._cache,
-            put(tokens),
-            put(lengths),
-            tuple(map(put, sampling.as_tuple())),
-        )
-        sampling_on_device = tuple(map(put, sampling.as_tuple()))
-        positions = lengths.copy()
-        new = np.asarray(new)
-        for i, r in enumerate(batch):
-            r.append(int(new[i]))
-        yield
-        while not all(r.done for r in batch):
-            # Finished and padding rows keep stepping (fixed shapes); keep them inside the cache.
-            positions = np.minimum(positions, self.max_seq_len - 1)
-            new, self._cache = self._decode(
-                model.state, self._cache, put(new), put(positions), sampling_on_device
-            )
-            new = np.asarray(new)
-            positions = positions + 1
-            for i, r in enumerate(batch):
-                r.append(int(new[i]))
-            yield
-
-    def _put_rows(self, array: np.ndarray) -> jax.Array:
-        """A host array whose first axis is the batch, placed with rows split over `data`."""
-        axes = ("batch",) + (None,) * (array.ndim - 1)
-        return jax.device_put(array, self.model.sharder.sharding(axes, array.shape))
+        """Queues the requests and steps the engine until they are all done; yields after every
+        step so that callers can stream. A caller that stops early aborts what is left."""
+        for r in requests:
+            self.scheduler.add(r)
+        try:
+            while not all(r.done for r in requests):
+                self.scheduler.step()
+                yield
+        finally:
+            for r in requests:
+                if not r.done:
+                    self.scheduler.abort(r)

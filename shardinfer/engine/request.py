@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from shardinfer.engine.sampling import SamplingParams
 from shardinfer.weights.tokenizer import Tokenizer
@@ -29,6 +30,9 @@ class Request:
     text: str = ""
     emitted: int = 0  # characters of `text` already handed out by `take_delta`
     finish_reason: str | None = None
+    arrived_at: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -38,19 +42,27 @@ class Request:
         """Adds one generated token and decides whether the request is finished."""
         if self.done:
             return
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
         self.output_ids.append(token)
+        self.finish_reason = self._finish_reason(token)
+        if self.done:
+            self.finished_at = now
+
+    def _finish_reason(self, token: int) -> str | None:
         if token in self.end_ids:
-            self.finish_reason = "stop"
-        elif self.tokenizer is not None:
+            return "stop"
+        if self.tokenizer is not None:
             self.text = self.tokenizer.decode(self.output_ids)
             cut = min((i for s in self.params.stop if (i := self.text.find(s)) >= 0), default=-1)
             if cut >= 0:
-                self.text, self.finish_reason = self.text[:cut], "stop"
-        if self.done:
-            return
+                self.text = self.text[:cut]
+                return "stop"
         total = len(self.prompt_ids) + len(self.output_ids)
         if len(self.output_ids) >= self.params.max_tokens or total >= self.max_seq_len:
-            self.finish_reason = "length"
+            return "length"
+        return None
 
     def take_delta(self) -> str:
         """New text since the last call. While running, holds back an incomplete UTF-8

@@ -96,3 +96,9 @@ def sample(logits, positions, temperature, top_k, top_p, seed):
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, positions)
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
+
+
+def set_row(rows: SamplingArrays, index: int, one: SamplingArrays) -> None:
+    """Copies a single-row SamplingArrays into row `index` of `rows`."""
+    for name in ("temperature", "top_k", "top_p", "seed"):
+        getattr(rows, name)[index] = getattr(one, name)[0]

@@ -1,0 +1,114 @@
+"""The device side of generation: prefill one request, insert it into a slot, decode all slots.
+
+The shapes of every jitted call come from a small fixed set (the slot count, and one prompt
+bucket per power of two up to max_seq_len), so a steady workload compiles nothing after warm-up.
+The cache is owned here, passed into each step and donated, never hidden in the model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shardinfer.engine.kv_cache import KVCache, init_cache, write_at
+from shardinfer.engine.sampling import SamplingArrays, sample
+from shardinfer.model import Model
+from shardinfer.models.llama import LayerKV
+
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int, limit: int) -> int:
+    """The padded prompt length: the next power of two (at least MIN_BUCKET), capped at limit."""
+    size = MIN_BUCKET
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+def prefill_logits(graphdef, state, tokens, lengths):
+    """tokens [B, T] right-padded, lengths [B] -> logits [B, V] at each last prompt token, and
+    every layer's k/v [B, T, ...] (which `insert` copies into the cache)."""
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, new_kv = model(tokens, positions)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+    return model.logits(last)[:, 0], new_kv
+
+
+def decode_logits(graphdef, state, cache: KVCache, tokens, positions):
+    """tokens [B] at positions [B] -> logits [B, V] for the token after each; cache updated."""
+    model = nnx.merge(graphdef, state)
+    hidden, new_kv = model(tokens[:, None], positions[:, None], cache)
+    return model.logits(hidden)[:, 0], write_at(cache, new_kv, positions)
+
+
+def insert(cache: KVCache, new_kv: KVCache, slot) -> KVCache:
+    """Copies one prefilled request's k/v [1, T, ...] into cache row `slot`, positions 0..T-1."""
+    return tuple(
+        LayerKV(
+            jax.lax.dynamic_update_slice(c.k, n.k.astype(c.k.dtype), (slot, 0, 0, 0)),
+            jax.lax.dynamic_update_slice(c.v, n.v.astype(c.v.dtype), (slot, 0, 0, 0)),
+        )
+        for c, n in zip(cache, new_kv, strict=True)
+    )
+
+
+class Engine:
+    """`slots` decode rows over the model's mesh (rows split evenly over the `data` axis)."""
+
+    def __init__(self, model: Model, slots: int, max_seq_len: int):
+        self.model, self.slots, self.max_seq_len = model, slots, max_seq_len
+        graphdef = model.graphdef
+
+        def prefill(state, tokens, lengths, sampling):
+            logits, kv = prefill_logits(graphdef, state, tokens, lengths)
+            return sample(logits, lengths, *sampling), kv
+
+        def decode(state, cache, tokens, positions, sampling):
+            logits, cache = decode_logits(graphdef, state, cache, tokens, positions)
+            return sample(logits, positions + 1, *sampling), cache
+
+        self._prefill = jax.jit(prefill)
+        self._insert = jax.jit(insert, donate_argnums=(0,))
+        self._decode = jax.jit(decode, donate_argnums=(1,))
+        self.cache = init_cache(model.config, model.sharder, slots, max_seq_len, model.dtype)
+
+    @property
+    def data_shards(self) -> int:
+        return self.model.data_size
+
+    def shard_of(self, slot: int) -> int:
+        """Which `data` shard holds a slot's cache row (rows are split in contiguous blocks)."""
+        return slot // (self.slots // self.data_shards)
+
+    def prefill(self, prompt: list[int], sampling: SamplingArrays) -> tuple[int, KVCache]:
+        """Runs one prompt; returns its first sampled token and its k/v (not yet in a slot)."""
+        width = bucket_length(len(prompt), self.max_seq_len)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, : len(prompt)] = prompt
+        lengths = np.array([len(prompt)], np.int32)
+        token, kv = self._prefill(self.model.state, tokens, lengths, sampling.as_tuple())
+        return int(token[0]), kv
+
+    def insert(self, kv: KVCache, slot: int) -> None:
+        self.cache = self._insert(self.cache, kv, np.int32(slot))
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, sampling: SamplingArrays):
+        """One step for every slot: tokens/positions [slots] -> next tokens [slots] (host)."""
+        put = self._put_rows
+        new, self.cache = self._decode(
+            self.model.state,
+            self.cache,
+            put(tokens),
+            put(positions),
+            tuple(put(a) for a in sampling.as_tuple()),
+        )
+        return np.asarray(new)
+
+    def _put_rows(self, array: np.ndarray) -> jax.Array:
+        """A host array whose first axis is the slots, placed with rows split over `data`."""
+        axes = ("batch",) + (None,) * (array.ndim - 1)
+        return jax.device_put(array, self.model.sharder.sharding(axes, array.shape))

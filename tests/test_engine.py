@@ -1,0 +1,89 @@
+"""Continuous batching: independence of requests, slot choice, and no compiles after warm-up."""
+
+import numpy as np
+import pytest
+
+import shardinfer as si
+from shardinfer.engine.metrics import compilations
+
+MAX_SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return si.LLM(tiny_llama, mesh="data=2,model=4", max_batch=4, max_seq_len=MAX_SEQ)
+
+
+def _workload(n: int = 20):
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 256, rng.integers(1, 40)).tolist() for _ in range(n)]
+    params = [
+        si.SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=0.0, ignore_eos=True)
+        for _ in range(n)
+    ]
+    return prompts, params
+
+
+def test_each_request_equals_itself_alone(llm):
+    prompts, params = _workload()
+    together = llm.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, together, strict=True):
+        alone = llm.generate([prompt], p)[0]
+        assert out.prompt_token_ids == prompt  # in the order given
+        assert out.token_ids == alone.token_ids
+        assert len(out.token_ids) == p.max_tokens and out.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_among_others(llm):
+    prompts, params = _workload(8)
+    sampled = si.SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11)
+    mixed = [sampled if i % 2 else p for i, p in enumerate(params)]
+    first = llm.generate(prompts, mixed)
+    second = llm.generate(prompts[::-1], mixed[::-1])[::-1]  # other neighbours, other slots
+    assert [o.token_ids for o in first] == [o.token_ids for o in second]
+    alone = llm.generate([prompts[1]], sampled)[0]
+    assert alone.token_ids == first[1].token_ids
+
+
+def test_no_compilation_after_warm_up(llm):
+    for length in (1, 17, 33):  # one prompt in each bucket (16, 32, 64)
+        llm.generate([[1] * length], si.SamplingParams(max_tokens=3, temperature=0.0))
+    llm.generate([[1, 2]], si.SamplingParams(max_tokens=2, temperature=0.7, top_k=5, seed=1))
+    before = compilations()
+    prompts, params = _workload()
+    params[3] = si.SamplingParams(max_tokens=9, temperature=0.8, top_p=0.5, seed=4)
+    llm.generate(prompts, params)
+    assert compilations() == before
+
+
+def test_new_requests_go_to_the_least_loaded_data_shard(llm):
+    scheduler = llm.scheduler
+    assert [scheduler.engine.shard_of(i) for i in range(4)] == [0, 0, 1, 1]
+    assert scheduler._free_slot() == 0
+    scheduler.running[0] = object()  # shard 0 now has one live slot
+    try:
+        assert scheduler._free_slot() == 2
+        scheduler.running[2] = object()
+        assert scheduler._free_slot() == 1
+    finally:
+        scheduler.running[0] = scheduler.running[2] = None
+
+
+def test_metrics(llm):
+    before = llm.metrics.requests_finished
+    llm.generate([[1, 2, 3], [4, 5]], si.SamplingParams(max_tokens=5, ignore_eos=True))
+    m = llm.metrics
+    assert m.requests_finished == before + 2
+    assert m.live_slots == 0 and m.queue_length == 0
+    summary = m.summary()
+    assert summary["tokens_per_second"] > 0 and summary["ttft_median_s"] > 0
+
+
+def test_abandoned_run_frees_its_slot(llm):
+    (request,) = llm._requests([[1, 2, 3]], si.SamplingParams(max_tokens=30, ignore_eos=True))
+    steps = llm._run([request])
+    next(steps), next(steps)
+    assert llm.metrics.live_slots == 1
+    steps.close()  # the caller went away (a closed stream, a disconnected client)
+    assert request.finish_reason == "abort"
+    assert llm.metrics.live_slots == 0 and not llm.scheduler.has_work()

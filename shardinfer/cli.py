@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-seq-len", type=int, default=1024)
     gen.add_argument("--raw", action="store_true", help="skip the chat template")
 
+    conv = sub.add_parser("convert", help="HF dir or .gguf -> sharded orbax checkpoint")
+    conv.add_argument("source", help="registry name, HF directory or .gguf file")
+    conv.add_argument("dest", help="a new directory")
+    conv.add_argument("--mesh", default=None, help="the mesh to shard while converting")
+    conv.add_argument("--host-devices", type=int, default=None)
+    conv.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
+
     info = sub.add_parser("info", help="devices, processes, version")
     info.add_argument("--host-devices", type=int, default=None)
     return p
@@ -101,6 +108,14 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
+def _convert(args: argparse.Namespace) -> None:
+    import shardinfer as si
+
+    model = si.load_model(args.source, mesh=args.mesh, dtype=args.dtype)
+    model.save(args.dest)
+    print(f"saved {args.source} ({model.num_params():,} parameters, {model.dtype}) to {args.dest}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _set_host_devices(args.host_devices)
@@ -111,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             _info()
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "convert":
+            _convert(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

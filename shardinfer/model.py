@@ -21,6 +21,12 @@ from shardinfer.sharding import Sharder, ShardingRules
 from shardinfer.weights.gguf_file import GGUFFile
 from shardinfer.weights.hf import SafetensorsDirectory, read_hf_config
 from shardinfer.weights.loader import load_params, param_shardings
+from shardinfer.weights.orbax_io import (
+    is_checkpoint,
+    read_checkpoint_config,
+    restore_params,
+    save_checkpoint,
+)
 from shardinfer.weights.registry import registry_names, resolve_registry_name
 from shardinfer.weights.tokenizer import Tokenizer
 
@@ -92,6 +98,11 @@ class Model:
             rows.setdefault(name, (tuple(value.shape), str(value.sharding.spec)))
         return [(name, shape, spec) for name, (shape, spec) in rows.items()]
 
+    def save(self, path: str | Path) -> None:
+        """A sharded Orbax checkpoint (+ config and tokenizer); `load_model(path, mesh=...)`
+        restores it onto any mesh."""
+        save_checkpoint(Path(path), self.config, self.state, self.dtype, self.tokenizer)
+
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state))
 
@@ -149,11 +160,18 @@ def load_model(
     dtype: Any = None,
     rules: ShardingRules | None = None,
 ) -> Model:
-    """Loads a registry name, a Hugging Face directory or a .gguf file straight into shards."""
+    """Loads a registry name, a shardinfer checkpoint, a Hugging Face directory or a .gguf file
+    straight into the shards of `mesh`."""
     mesh = as_mesh(mesh)
     dtype = resolve_dtype(dtype, mesh.devices.flat[0].platform)
     sharder = Sharder(mesh, rules or ShardingRules.load())
     path = resolve_registry_name(str(source)) or Path(source)
+    if path.is_dir() and is_checkpoint(path):
+        config = read_checkpoint_config(path)
+        graphdef, abstract = abstract_model(config, sharder, dtype)
+        state = restore_params(path, abstract, param_shardings(abstract, sharder), dtype)
+        tokenizer = Tokenizer.from_hf_dir(path)
+        return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, str(source))
     if path.is_dir() and (path / "config.json").is_file():
         config = read_hf_config(path)
         tensors, tokenizer = SafetensorsDirectory(path), Tokenizer.from_hf_dir(path)
@@ -163,7 +181,7 @@ def load_model(
     else:
         raise ValueError(
             f"cannot load {str(source)!r}: not a registry name ({', '.join(registry_names())}), "
-            "a Hugging Face directory with config.json, or a .gguf file"
+            "a shardinfer checkpoint, a Hugging Face directory with config.json, or a .gguf file"
         )
     graphdef, abstract = abstract_model(config, sharder, dtype)
     state = load_params(abstract, sharder, tensors, config, dtype)

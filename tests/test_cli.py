@@ -45,3 +45,18 @@ def test_bad_mesh_is_a_clear_error():
     done = _run("generate", "--host-devices", "8", "--mesh", "data=3", "--prompt", "hi")
     assert done.returncode == 2
     assert "multiply to 3, but there are 8 devices" in done.stderr
+
+
+def test_convert_then_generate(tiny_llama, tmp_path):
+    dest = tmp_path / "converted"
+    done = _run("convert", str(tiny_llama), str(dest), "--host-devices", "2", "--mesh", "model=2")
+    assert done.returncode == 0, done.stderr
+    assert "saved" in done.stdout and (dest / "shardinfer.json").is_file()
+    import numpy as np
+
+    import shardinfer as si
+
+    tokens = np.arange(10).reshape(1, 10)
+    np.testing.assert_allclose(
+        si.load_model(dest).logits(tokens), si.load_model(tiny_llama).logits(tokens), atol=1e-5
+    )

@@ -79,6 +79,17 @@ class Tokenizer:
             eos_token=self.eos_token or "",
         )
 
+    def save(self, directory: Path) -> None:
+        """Writes tokenizer.json and tokenizer_config.json, which `from_hf_dir` reads back."""
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "chat_template": self.chat_template,
+            "shardinfer_prepend_bos_id": self._prepend_bos_id,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
     @classmethod
     def from_hf_dir(cls, directory: Path) -> Tokenizer | None:
         path = directory / "tokenizer.json"
@@ -103,6 +114,7 @@ class Tokenizer:
             bos_token=token("bos_token"),
             eos_token=token("eos_token"),
             chat_template=template,
+            prepend_bos_id=config.get("shardinfer_prepend_bos_id"),
         )
 
     @classmethod

@@ -1,0 +1,68 @@
+"""shardinfer's own checkpoints: sharded Orbax arrays plus the config and the tokenizer.
+
+A checkpoint saved from one mesh restores straight into another mesh's shardings: each process
+reads only the slices its devices hold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from shardinfer.config import ModelConfig
+from shardinfer.weights.tokenizer import Tokenizer
+
+MARKER = "shardinfer.json"
+FORMAT_VERSION = 1
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def save_checkpoint(
+    path: Path, config: ModelConfig, state: nnx.State, dtype, tokenizer: Tokenizer | None
+) -> None:
+    path = Path(path).absolute()
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path} exists and is not empty; choose a new directory")
+    path.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "params", nnx.to_pure_dict(state))
+    checkpointer.wait_until_finished()
+    if tokenizer is not None:
+        tokenizer.save(path)
+    if jax.process_index() == 0:
+        # Written last: a directory without it is an unfinished save, never mistaken for one.
+        meta = {"format_version": FORMAT_VERSION, "dtype": str(dtype), "config": config.to_dict()}
+        (path / MARKER).write_text(json.dumps(meta, indent=1))
+
+
+def read_checkpoint_config(path: Path) -> ModelConfig:
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / MARKER} is corrupted ({e})") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is unknown")
+    return ModelConfig.from_dict(meta["config"])
+
+
+def restore_params(path: Path, abstract: nnx.State, shardings: nnx.State, dtype) -> nnx.State:
+    """Restores into `abstract`'s structure with `shardings` (any mesh), cast to `dtype`."""
+    target = jax.tree.map(
+        lambda var, sharding: jax.ShapeDtypeStruct(var.shape, dtype, sharding=sharding),
+        nnx.to_pure_dict(abstract),
+        nnx.to_pure_dict(shardings),
+    )
+    try:
+        restored = ocp.StandardCheckpointer().restore(Path(path).absolute() / "params", target)
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
+        raise ValueError(f"{path}: cannot restore the checkpoint's arrays ({e})") from e
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, restored)
+    return state

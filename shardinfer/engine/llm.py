@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from jax.sharding import Mesh
 
+from shardinfer.compile_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
 from shardinfer.engine.engine import Engine
 from shardinfer.engine.metrics import EngineMetrics
 from shardinfer.engine.request import Request, RequestOutput
@@ -35,7 +37,10 @@ class LLM:
         max_batch: int = 8,
         max_seq_len: int | None = None,
         dtype: Any = None,
+        compilation_cache: str | Path | None = DEFAULT_CACHE_DIR,
     ):
+        # Before anything compiles: a later process with the same shapes loads, not compiles.
+        enable_compilation_cache(compilation_cache)
         if isinstance(model_or_source, Model):
             self.model = model_or_source
         else:

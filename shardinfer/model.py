@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from shardinfer.config import ModelConfig
 from shardinfer.mesh import MeshSpec, make_mesh
 from shardinfer.models.llama import Llama
+from shardinfer.models.weights import QUANTIZE_MODES
 from shardinfer.sharding import Sharder, ShardingRules
 from shardinfer.weights.gguf_file import GGUFFile
 from shardinfer.weights.hf import SafetensorsDirectory, read_hf_config
@@ -62,6 +63,7 @@ class Model:
     dtype: jnp.dtype
     tokenizer: Tokenizer | None = None
     source: str = ""
+    quantize: str | None = None  # None or "int8" (per-channel weights, see models/weights.py)
 
     def __post_init__(self) -> None:
         self._logits_fn = jax.jit(partial(_full_logits, self.graphdef))
@@ -101,10 +103,16 @@ class Model:
     def save(self, path: str | Path) -> None:
         """A sharded Orbax checkpoint (+ config and tokenizer); `load_model(path, mesh=...)`
         restores it onto any mesh."""
-        save_checkpoint(Path(path), self.config, self.state, self.dtype, self.tokenizer)
+        save_checkpoint(
+            Path(path), self.config, self.state, self.dtype, self.tokenizer, self.quantize
+        )
 
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state))
+
+    def weight_bytes(self) -> int:
+        """Bytes of all parameters (what one decode step reads at least once)."""
+        return sum(x.nbytes for x in jax.tree.leaves(self.state))
 
 
 def pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
@@ -131,27 +139,35 @@ def _full_logits(graphdef, state, tokens):
     return model.logits(hidden)
 
 
-def abstract_model(config: ModelConfig, sharder: Sharder, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(
+    config: ModelConfig, sharder: Sharder, dtype, quantize: str | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
     """Shapes, dtypes and logical axes of every parameter; no memory is allocated."""
-    abstract = nnx.eval_shape(lambda: Llama(config, sharder, dtype, None))
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8")
+    abstract = nnx.eval_shape(lambda: Llama(config, sharder, dtype, None, quantize))
     return nnx.split(abstract)
 
 
 def init_random_model(
-    config: ModelConfig, mesh: Mesh | MeshSpec = None, dtype=None, seed: int = 0
+    config: ModelConfig,
+    mesh: Mesh | MeshSpec = None,
+    dtype=None,
+    seed: int = 0,
+    quantize: str | None = None,
 ) -> Model:
     """Random weights created in place on their shards (for benchmarks of untrained configs)."""
     mesh = as_mesh(mesh)
     dtype = resolve_dtype(dtype, mesh.devices.flat[0].platform)
     sharder = Sharder(mesh, ShardingRules.load())
-    graphdef, abstract = abstract_model(config, sharder, dtype)
+    graphdef, abstract = abstract_model(config, sharder, dtype, quantize)
     shardings = param_shardings(abstract, sharder)
 
     @partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.split(Llama(config, sharder, dtype, nnx.Rngs(seed)))[1]
+        return nnx.split(Llama(config, sharder, dtype, nnx.Rngs(seed), quantize))[1]
 
-    return Model(config, mesh, sharder, graphdef, init(), dtype, None, "random")
+    return Model(config, mesh, sharder, graphdef, init(), dtype, None, "random", quantize)
 
 
 def load_model(
@@ -159,6 +175,7 @@ def load_model(
     mesh: Mesh | MeshSpec = None,
     dtype: Any = None,
     rules: ShardingRules | None = None,
+    quantize: str | None = None,
 ) -> Model:
     """Loads a registry name, a shardinfer checkpoint, a Hugging Face directory or a .gguf file
     straight into the shards of `mesh`."""
@@ -167,11 +184,17 @@ def load_model(
     sharder = Sharder(mesh, rules or ShardingRules.load())
     path = resolve_registry_name(str(source)) or Path(source)
     if path.is_dir() and is_checkpoint(path):
-        config = read_checkpoint_config(path)
-        graphdef, abstract = abstract_model(config, sharder, dtype)
-        state = restore_params(path, abstract, param_shardings(abstract, sharder), dtype)
+        config, stored = read_checkpoint_config(path)
+        if quantize is not None and quantize != stored:
+            raise ValueError(
+                f"{path} stores quantize={stored!r} weights; load it without quantize=, or "
+                f"convert the original checkpoint with quantize={quantize!r}"
+            )
+        graphdef, abstract = abstract_model(config, sharder, dtype, stored)
+        state = restore_params(path, abstract, param_shardings(abstract, sharder))
         tokenizer = Tokenizer.from_hf_dir(path)
-        return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, str(source))
+        src = str(source)
+        return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, src, stored)
     if path.is_dir() and (path / "config.json").is_file():
         config = read_hf_config(path)
         tensors, tokenizer = SafetensorsDirectory(path), Tokenizer.from_hf_dir(path)
@@ -183,7 +206,7 @@ def load_model(
             f"cannot load {str(source)!r}: not a registry name ({', '.join(registry_names())}), "
             "a shardinfer checkpoint, a Hugging Face directory with config.json, or a .gguf file"
         )
-    graphdef, abstract = abstract_model(config, sharder, dtype)
+    graphdef, abstract = abstract_model(config, sharder, dtype, quantize)
     state = load_params(abstract, sharder, tensors, config, dtype)
-    log.info("loaded %s: %s, %s", source, config.architecture, dtype)
-    return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, str(source))
+    log.info("loaded %s: %s, %s, quantize=%s", source, config.architecture, dtype, quantize)
+    return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, str(source), quantize)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from shardinfer.config import ModelConfig
 from shardinfer.models.rope import apply_rope, inverse_frequencies, rope_tables
+from shardinfer.models.weights import dense, embed_rows, weight
 from shardinfer.sharding import Sharder
 
 NEG_INF = -1e30
@@ -23,14 +24,6 @@ NEG_INF = -1e30
 class LayerKV(NamedTuple):
     k: jax.Array  # [batch, seq, kv_heads, head_dim]
     v: jax.Array  # [batch, seq, kv_heads, head_dim]
-
-
-def _param(rngs: nnx.Rngs | None, shape, axes, dtype, scale: float = 0.02) -> nnx.Param:
-    """Random normal weights; zeros when rngs is None (abstract shapes: cheaper to trace)."""
-    if rngs is None:
-        return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
-    value = scale * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
 def _zeros(shape, axes, dtype) -> nnx.Param:
@@ -49,12 +42,14 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None):
         e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = _param(rngs, (e, hq, d), ("embed", "q_heads", "head_dim"), dtype)
-        self.k_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o_proj = _param(rngs, (hq, d, e), ("q_heads", "head_dim", "embed"), dtype)
+        q_axes, kv_axes = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+        self.q_proj = weight(rngs, (e, hq, d), q_axes, (0,), dtype, quantize)
+        self.k_proj = weight(rngs, (e, hkv, d), kv_axes, (0,), dtype, quantize)
+        self.v_proj = weight(rngs, (e, hkv, d), kv_axes, (0,), dtype, quantize)
+        o_axes = ("q_heads", "head_dim", "embed")
+        self.o_proj = weight(rngs, (hq, d, e), o_axes, (0, 1), dtype, quantize)
         if cfg.qkv_bias:
             self.q_bias = _zeros((hq, d), ("q_heads", "head_dim"), dtype)
             self.k_bias = _zeros((hkv, d), ("kv_heads", "head_dim"), dtype)
@@ -67,9 +62,9 @@ class Attention(nnx.Module):
         """x [B, T, E]. Without a cache: causal attention among these T tokens. With a cache
         (decode): each row attends its cached keys before positions[:, 0], then itself."""
         cfg = self.cfg
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...])
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...])
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...])
+        q = dense("bte,ehd->bthd", x, self.q_proj)
+        k = dense("bte,ehd->bthd", x, self.k_proj)
+        v = dense("bte,ehd->bthd", x, self.v_proj)
         if cfg.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -91,7 +86,7 @@ class Attention(nnx.Module):
             values = jnp.concatenate([cache.v, v], axis=1)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, hq, d)
-        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...])
+        out = dense("bthd,hde->bte", out, self.o_proj)
         if cfg.o_bias:
             out = out + self.o_bias[...]
         return out, LayerKV(k, v)
@@ -105,24 +100,24 @@ def _visible(q_pos, k_pos, window: int | None):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None):
         e, m = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
-        self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
-        self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
+        self.gate_proj = weight(rngs, (e, m), ("embed", "mlp"), (0,), dtype, quantize)
+        self.up_proj = weight(rngs, (e, m), ("embed", "mlp"), (0,), dtype, quantize)
+        self.down_proj = weight(rngs, (m, e), ("mlp", "embed"), (0,), dtype, quantize)
 
     def __call__(self, x):
-        gate = jnp.einsum("bte,em->btm", x, self.gate_proj[...])
-        up = jnp.einsum("bte,em->btm", x, self.up_proj[...])
-        return jnp.einsum("btm,me->bte", jax.nn.silu(gate) * up, self.down_proj[...])
+        gate = dense("bte,em->btm", x, self.gate_proj)
+        up = dense("bte,em->btm", x, self.up_proj)
+        return dense("btm,me->bte", jax.nn.silu(gate) * up, self.down_proj)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype, rngs)
+        self.self_attn = Attention(cfg, dtype, rngs, quantize)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, rngs)
+        self.mlp = MLP(cfg, dtype, rngs, quantize)
 
     def __call__(self, x, positions, rope, cache):
         with jax.named_scope("attention"):
@@ -134,22 +129,26 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, sharder: Sharder, dtype, rngs: nnx.Rngs | None):
-        self.cfg, self.sharder = cfg, sharder
-        self.embed_tokens = _param(
-            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype
-        )
-        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        sharder: Sharder,
+        dtype,
+        rngs: nnx.Rngs | None,
+        quantize: str | None = None,
+    ):
+        self.cfg, self.sharder, self.dtype = cfg, sharder, dtype
+        table = ((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), (1,), dtype, quantize)
+        self.embed_tokens = weight(rngs, *table)
+        self.layers = nnx.List([Block(cfg, dtype, rngs, quantize) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(
-                rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype
-            )
+            self.lm_head = weight(rngs, *table)
 
     def __call__(self, tokens, positions, cache: tuple[LayerKV, ...] | None = None):
         """tokens, positions [B, T] -> final hidden states [B, T, E] and each layer's new k/v."""
         edge = ("batch", "seq", "embed")
-        x = self.sharder.constrain(jnp.take(self.embed_tokens[...], tokens, axis=0), edge)
+        x = self.sharder.constrain(embed_rows(self.embed_tokens, tokens, self.dtype), edge)
         rope = rope_tables(positions, inverse_frequencies(self.cfg))
         new_kv = []
         for i, layer in enumerate(self.layers):
@@ -162,5 +161,5 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, T, E] -> float32 logits [B, T, vocab], against the (vocab, embed) table."""
         table = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
-        logits = jnp.einsum("bte,ve->btv", hidden, table[...])
+        logits = dense("bte,ve->btv", hidden, table)
         return self.sharder.constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))

@@ -25,7 +25,12 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def save_checkpoint(
-    path: Path, config: ModelConfig, state: nnx.State, dtype, tokenizer: Tokenizer | None
+    path: Path,
+    config: ModelConfig,
+    state: nnx.State,
+    dtype,
+    tokenizer: Tokenizer | None,
+    quantize: str | None,
 ) -> None:
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()):
@@ -38,24 +43,30 @@ def save_checkpoint(
         tokenizer.save(path)
     if jax.process_index() == 0:
         # Written last: a directory without it is an unfinished save, never mistaken for one.
-        meta = {"format_version": FORMAT_VERSION, "dtype": str(dtype), "config": config.to_dict()}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": str(dtype),
+            "quantize": quantize,
+            "config": config.to_dict(),
+        }
         (path / MARKER).write_text(json.dumps(meta, indent=1))
 
 
-def read_checkpoint_config(path: Path) -> ModelConfig:
+def read_checkpoint_config(path: Path) -> tuple[ModelConfig, str | None]:
+    """The model config, and the quantization the arrays are stored in."""
     try:
         meta = json.loads((path / MARKER).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / MARKER} is corrupted ({e})") from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is unknown")
-    return ModelConfig.from_dict(meta["config"])
+    return ModelConfig.from_dict(meta["config"]), meta.get("quantize")
 
 
-def restore_params(path: Path, abstract: nnx.State, shardings: nnx.State, dtype) -> nnx.State:
-    """Restores into `abstract`'s structure with `shardings` (any mesh), cast to `dtype`."""
+def restore_params(path: Path, abstract: nnx.State, shardings: nnx.State) -> nnx.State:
+    """Restores into `abstract`'s structure, dtypes and `shardings` (any mesh)."""
     target = jax.tree.map(
-        lambda var, sharding: jax.ShapeDtypeStruct(var.shape, dtype, sharding=sharding),
+        lambda var, sharding: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding),
         nnx.to_pure_dict(abstract),
         nnx.to_pure_dict(shardings),
     )

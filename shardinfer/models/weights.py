@@ -1,0 +1,66 @@
+"""Weight parameters, plain or int8-quantized, and the matmuls that read them.
+
+An int8 weight keeps one float32 scale per output channel (per slice along the axes that are
+not contracted), sharded like the output: w ~= q * scale. The matmul reads the int8 values,
+upcasts them inside the fused dot and scales the (much smaller) output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+QUANTIZE_MODES = (None, "int8")
+
+
+def quantize_int8(w, contract: tuple[int, ...]):
+    """Symmetric per-output-channel int8: returns (q int8, scale float32 of the kept axes)."""
+    xp = jnp if isinstance(w, jax.Array) else np
+    absmax = xp.max(xp.abs(w.astype(xp.float32)), axis=contract, keepdims=True)
+    scale = xp.where(absmax > 0, absmax / 127.0, 1.0).astype(xp.float32)
+    q = xp.clip(xp.round(w / scale), -127, 127).astype(xp.int8)
+    return q, xp.squeeze(scale, axis=contract)
+
+
+class Int8Weight(nnx.Module):
+    def __init__(self, value, axes: tuple[str, ...], contract: tuple[int, ...]):
+        q, scale = quantize_int8(value, contract)
+        kept = tuple(a for i, a in enumerate(axes) if i not in contract)
+        self.q = nnx.Param(q, logical_axes=axes, contract=contract)
+        self.scale = nnx.Param(scale, logical_axes=kept, contract=contract)
+
+
+def weight(rngs: nnx.Rngs | None, shape, axes, contract, dtype, quantize: str | None):
+    """A matmul weight of `shape` whose `contract` axes are summed over in use.
+
+    Random normal values (std 0.02), or zeros when rngs is None (abstract shapes: cheaper to
+    trace).
+    """
+    if rngs is None:
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    if quantize == "int8":
+        return Int8Weight(value, axes, contract)
+    if quantize is not None:
+        raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8")
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def dense(spec: str, x: jax.Array, w) -> jax.Array:
+    """einsum(spec, x, w) for a plain or an int8 weight (the output's last axes are w's kept
+    axes, in order, which the scale broadcasts against)."""
+    if isinstance(w, Int8Weight):
+        y = jnp.einsum(spec, x, w.q[...].astype(x.dtype))
+        return y * w.scale[...].astype(y.dtype)
+    return jnp.einsum(spec, x, w[...])
+
+
+def embed_rows(w, tokens: jax.Array, dtype) -> jax.Array:
+    """Rows of a (vocab, embed) table: the embedding lookup."""
+    if isinstance(w, Int8Weight):
+        rows = jnp.take(w.q[...], tokens, axis=0).astype(dtype)
+        return rows * jnp.take(w.scale[...], tokens, axis=0)[..., None].astype(dtype)
+    return jnp.take(w[...], tokens, axis=0)

@@ -1,0 +1,67 @@
+"""int8 weights: 4x less memory, sharded like the float weights, logits within a tolerance."""
+
+import jax
+import numpy as np
+import pytest
+
+import shardinfer as si
+
+# The documented tolerance (README): on the real model, int8 logits stay within these of
+# float32 ones over a chat prompt.
+MEAN_ABS_LOGIT_ERROR = 0.5
+MEAN_KL = 0.02
+TOP1_AGREEMENT = 0.9
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_int8_shardings_and_roundtrip(tiny_llama, tmp_path):
+    model = si.load_model(tiny_llama, mesh="data=2,model=4", quantize="int8")
+    specs = {name: spec for name, _, spec in model.sharding_table()}
+    assert specs["layers.*.mlp.gate_proj.q"] == "P(None, 'model')"
+    assert specs["layers.*.mlp.gate_proj.scale"] == "P('model',)"
+    assert specs["layers.*.mlp.down_proj.q"] == "P('model',)"
+    assert specs["layers.*.mlp.down_proj.scale"] == "P()"
+    assert specs["layers.*.self_attn.q_proj.scale"] == "P('model',)"
+    assert specs["embed_tokens.q"] == "P('model',)" and specs["embed_tokens.scale"] == "P('model',)"
+    leaves = jax.tree.leaves(model.state)
+    assert sum(x.dtype == np.int8 for x in leaves) == 2 * 7 + 2  # 7 matmuls a layer, 2 tables
+    tokens = np.arange(20).reshape(2, 10)
+    model.save(tmp_path / "q")
+    again = si.load_model(tmp_path / "q", mesh="model=8")
+    assert again.quantize == "int8"
+    np.testing.assert_allclose(again.logits(tokens), model.logits(tokens), atol=1e-5)
+    with pytest.raises(ValueError, match="stores quantize=None"):
+        si.load_model(_float_checkpoint(tiny_llama, tmp_path), quantize="int8")
+
+
+def _float_checkpoint(source, tmp_path):
+    path = tmp_path / "f"
+    si.load_model(source).save(path)
+    return path
+
+
+def test_unknown_quantize_mode(tiny_llama):
+    with pytest.raises(ValueError, match="unknown quantize mode 'int4'"):
+        si.load_model(tiny_llama, quantize="int4")
+
+
+def test_int8_on_the_real_model():
+    mesh = "data=2,model=4"
+    full = si.load_model("smollm2-135m-instruct", mesh=mesh)
+    int8 = si.load_model("smollm2-135m-instruct", mesh=mesh, quantize="int8")
+    assert full.weight_bytes() / int8.weight_bytes() > 3.9
+    tok = full.tokenizer
+    chat = [{"role": "user", "content": "What is the capital of France? Explain briefly."}]
+    ids = [tok.encode(tok.apply_chat_template(chat), add_special_tokens=False)]
+    a, b = full.logits(ids)[0], int8.logits(ids)[0]
+    assert np.abs(a - b).mean() < MEAN_ABS_LOGIT_ERROR
+    p = np.exp(_log_softmax(a))
+    assert (p * (_log_softmax(a) - _log_softmax(b))).sum(-1).mean() < MEAN_KL
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= TOP1_AGREEMENT
+    llm = si.LLM(int8, max_batch=2, max_seq_len=128)
+    out = llm.chat(chat[:1], si.SamplingParams(max_tokens=16, temperature=0.0))[0]
+    assert "Paris" in out.text

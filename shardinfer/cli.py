@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all on data)")
         cmd.add_argument("--host-devices", type=int, default=None, help="simulate N CPU devices")
         cmd.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
+        cmd.add_argument("--quantize", default=None, choices=["int8"], help="weight quantization")
         cmd.add_argument("-v", "--verbose", action="store_true", help="log sharding decisions")
         cmd.add_argument(
             "--compilation-cache",
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--mesh", default=None, help="the mesh to shard while converting")
     conv.add_argument("--host-devices", type=int, default=None)
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
+    conv.add_argument("--quantize", default=None, choices=["int8"], help="store int8 weights")
 
     info = sub.add_parser("info", help="devices, processes, version")
     info.add_argument("--host-devices", type=int, default=None)
@@ -91,7 +93,7 @@ def _generate(args: argparse.Namespace) -> None:
     from shardinfer.engine.metrics import compilations, compile_seconds
 
     started = time.perf_counter()
-    model = si.load_model(args.model, mesh=args.mesh, dtype=args.dtype)
+    model = si.load_model(args.model, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize)
     print(f"loaded {args.model} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     _print_sharding(model)
     cache = None if args.compilation_cache.lower() == "none" else args.compilation_cache
@@ -131,7 +133,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     import shardinfer as si
 
-    model = si.load_model(args.source, mesh=args.mesh, dtype=args.dtype)
+    model = si.load_model(args.source, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize)
     model.save(args.dest)
     print(f"saved {args.source} ({model.num_params():,} parameters, {model.dtype}) to {args.dest}")
 

@@ -1,5 +1,6 @@
 """The default model (SmolLM2-135M-Instruct, GGUF Q4_1) against transformers on the same file."""
 
+import jax
 import pytest
 import torch
 
@@ -24,7 +25,16 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def llm():
+    """Sharded over all 8 simulated devices: what parity with transformers is checked on."""
     return si.LLM("smollm2-135m-instruct", mesh="data=2,model=4", max_batch=4, max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def llm1():
+    """One device, for the engine-behaviour tests: 8 simulated devices share 2 real cores,
+    and replicated attention (9 heads on model=4) runs on each, so steps cost ~5x more."""
+    mesh = si.make_mesh("data=1", devices=jax.devices()[:1])
+    return si.LLM("smollm2-135m-instruct", mesh=mesh, max_batch=4, max_seq_len=256)
 
 
 @pytest.fixture(scope="module")
@@ -65,54 +75,54 @@ def test_greedy_chat_matches_hf(llm, hf):
     assert "Paris" in outs[0].text
 
 
-def test_stream_equals_generate(llm):
-    prompt = llm.tokenizer.apply_chat_template(CHATS[1])
-    pieces = list(llm.stream(prompt, GREEDY))
+def test_stream_equals_generate(llm1):
+    prompt = llm1.tokenizer.apply_chat_template(CHATS[1])
+    pieces = list(llm1.stream(prompt, GREEDY))
     assert len(pieces) > 3
-    assert "".join(pieces) == llm.generate(prompt, GREEDY)[0].text
+    assert "".join(pieces) == llm1.generate(prompt, GREEDY)[0].text
 
 
-def test_stop_string_cuts_the_text(llm):
-    prompt = llm.tokenizer.apply_chat_template(CHATS[0])
-    full = llm.generate(prompt, GREEDY)[0].text
+def test_stop_string_cuts_the_text(llm1):
+    prompt = llm1.tokenizer.apply_chat_template(CHATS[0])
+    full = llm1.generate(prompt, GREEDY)[0].text
     stop = full.split()[2]  # a word from the middle of the greedy answer
-    out = llm.generate(prompt, si.SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]))[0]
+    out = llm1.generate(prompt, si.SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]))[0]
     assert out.finish_reason == "stop"
     assert out.text == full[: full.index(stop)]
     streamed = "".join(
-        llm.stream(prompt, si.SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]))
+        llm1.stream(prompt, si.SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]))
     )
     assert streamed == out.text
 
 
-def test_stop_token_ids_and_eos(llm):
-    out = llm.chat(CHATS[0], GREEDY)[0]
+def test_stop_token_ids_and_eos(llm1):
+    out = llm1.chat(CHATS[0], GREEDY)[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == 2  # <|im_end|>
     second = out.token_ids[1]
-    cut = llm.chat(
+    cut = llm1.chat(
         CHATS[0], si.SamplingParams(max_tokens=32, temperature=0, stop_token_ids=[second])
     )
     assert cut[0].token_ids == out.token_ids[:2] and cut[0].finish_reason == "stop"
-    short = llm.chat(CHATS[0], si.SamplingParams(max_tokens=3, temperature=0))[0]
+    short = llm1.chat(CHATS[0], si.SamplingParams(max_tokens=3, temperature=0))[0]
     assert short.token_ids == out.token_ids[:3] and short.finish_reason == "length"
 
 
-def test_sampling_is_seeded_and_mixed_batches_share_a_step(llm):
+def test_sampling_is_seeded_and_mixed_batches_share_a_step(llm1):
     sampled = si.SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, top_k=40, seed=7)
-    prompts = [llm.tokenizer.apply_chat_template(c) for c in CHATS]
-    first = llm.generate(prompts, [sampled, GREEDY, sampled])
-    again = llm.generate(prompts[:1], sampled)
+    prompts = [llm1.tokenizer.apply_chat_template(c) for c in CHATS]
+    first = llm1.generate(prompts, [sampled, GREEDY, sampled])
+    again = llm1.generate(prompts[:1], sampled)
     assert first[0].token_ids == again[0].token_ids  # same seed, other batch: same tokens
-    assert first[1].token_ids == llm.generate(prompts[1], GREEDY)[0].token_ids
-    other_seed = llm.generate(
+    assert first[1].token_ids == llm1.generate(prompts[1], GREEDY)[0].token_ids
+    other_seed = llm1.generate(
         prompts[:1], si.SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, top_k=40, seed=8)
     )
     assert other_seed[0].token_ids != first[0].token_ids
-    top1 = llm.generate(prompts[1], si.SamplingParams(max_tokens=16, temperature=1.0, top_k=1))
-    assert top1[0].token_ids == llm.generate(prompts[1], GREEDY)[0].token_ids[:16]
+    top1 = llm1.generate(prompts[1], si.SamplingParams(max_tokens=16, temperature=1.0, top_k=1))
+    assert top1[0].token_ids == llm1.generate(prompts[1], GREEDY)[0].token_ids[:16]
 
 
-def test_more_prompts_than_rows(llm):
-    prompts = [llm.tokenizer.apply_chat_template(c) for c in CHATS] * 2  # 6 prompts, 4 rows
-    outs = llm.generate(prompts, si.SamplingParams(max_tokens=8, temperature=0.0))
+def test_more_prompts_than_rows(llm1):
+    prompts = [llm1.tokenizer.apply_chat_template(c) for c in CHATS] * 2  # 6 prompts, 4 rows
+    outs = llm1.generate(prompts, si.SamplingParams(max_tokens=8, temperature=0.0))
     assert [o.token_ids for o in outs[:3]] == [o.token_ids for o in outs[3:]]

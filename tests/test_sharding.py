@@ -16,11 +16,12 @@ EXPECTED = {
     "model=8": {
         "embed_tokens": P("model"),
         "lm_head": P("model"),
-        "layers.*.self_attn.q_proj": P(None, "model"),
-        "layers.*.self_attn.o_proj": P("model"),
-        "layers.*.mlp.gate_proj": P(None, "model"),
-        "layers.*.mlp.up_proj": P(None, "model"),
-        "layers.*.mlp.down_proj": P("model"),
+        # Layer parameters are stacked: a leading "layers" axis, never split.
+        "layers.self_attn.q_proj": P(None, None, "model"),
+        "layers.self_attn.o_proj": P(None, "model"),
+        "layers.mlp.gate_proj": P(None, None, "model"),
+        "layers.mlp.up_proj": P(None, None, "model"),
+        "layers.mlp.down_proj": P(None, "model"),
     },
 }
 EXPECTED["data=2,model=4"] = EXPECTED["model=8"]
@@ -28,15 +29,15 @@ ALL_PARAMS = {
     "embed_tokens",
     "lm_head",
     "norm.weight",
-    "layers.*.input_layernorm.weight",
-    "layers.*.post_attention_layernorm.weight",
-    "layers.*.self_attn.q_proj",
-    "layers.*.self_attn.k_proj",
-    "layers.*.self_attn.v_proj",
-    "layers.*.self_attn.o_proj",
-    "layers.*.mlp.gate_proj",
-    "layers.*.mlp.up_proj",
-    "layers.*.mlp.down_proj",
+    "layers.input_layernorm.weight",
+    "layers.post_attention_layernorm.weight",
+    "layers.self_attn.q_proj",
+    "layers.self_attn.k_proj",
+    "layers.self_attn.v_proj",
+    "layers.self_attn.o_proj",
+    "layers.mlp.gate_proj",
+    "layers.mlp.up_proj",
+    "layers.mlp.down_proj",
 }
 
 
@@ -47,11 +48,9 @@ def test_every_parameter_spec(tiny_llama, mesh):
     assert set(table) == ALL_PARAMS
     for name in ALL_PARAMS:
         assert table[name] == str(EXPECTED[mesh].get(name, P())), name
-    # Every layer, not only the first one folded into the table:
-    for layer in model.state["layers"].values():
-        assert layer["mlp"]["down_proj"].get_value().sharding.spec == EXPECTED[mesh].get(
-            "layers.*.mlp.down_proj", P()
-        )
+    down = model.state["layers"]["mlp"]["down_proj"].get_value()
+    assert down.shape == (2, 128, 64)  # all layers in one array
+    assert down.sharding.spec == EXPECTED[mesh].get("layers.mlp.down_proj", P())
 
 
 def test_fallback_is_logged_once(tiny_llama, caplog):
@@ -66,11 +65,11 @@ def test_fallback_is_logged_once(tiny_llama, caplog):
 def test_kv_cache_spec():
     cfg = si.ModelConfig("llama", 256, 64, 128, 2, num_heads=8, num_kv_heads=4, head_dim=8)
     sharder = sharding.Sharder(si.make_mesh("data=2,model=4"), si.ShardingRules.load())
-    (layer, _) = cache_shardings(cfg, sharder, batch=4, max_len=32)
-    assert layer.k.spec == P("data", None, "model")
+    assert cache_shardings(cfg, sharder, batch=4, max_len=32).k.spec == P(
+        None, "data", None, "model"
+    )
     # 3 rows do not divide data=2: the batch falls back to replicated rather than failing.
-    (layer, _) = cache_shardings(cfg, sharder, batch=3, max_len=32)
-    assert layer.k.spec == P(None, None, "model")
+    assert cache_shardings(cfg, sharder, batch=3, max_len=32).v.spec == P(None, None, None, "model")
 
 
 def test_rules_refuse_two_dims_on_one_axis():

@@ -46,13 +46,12 @@ def decode_logits(graphdef, state, cache: KVCache, tokens, positions):
 
 
 def insert(cache: KVCache, new_kv: KVCache, slot) -> KVCache:
-    """Copies one prefilled request's k/v [1, T, ...] into cache row `slot`, positions 0..T-1."""
-    return tuple(
-        LayerKV(
-            jax.lax.dynamic_update_slice(c.k, n.k.astype(c.k.dtype), (slot, 0, 0, 0)),
-            jax.lax.dynamic_update_slice(c.v, n.v.astype(c.v.dtype), (slot, 0, 0, 0)),
-        )
-        for c, n in zip(cache, new_kv, strict=True)
+    """Copies one prefilled request's k/v [layers, 1, T, ...] into cache row `slot`, at
+    positions 0..T-1."""
+    at = (0, slot, 0, 0, 0)
+    return LayerKV(
+        jax.lax.dynamic_update_slice(cache.k, new_kv.k.astype(cache.k.dtype), at),
+        jax.lax.dynamic_update_slice(cache.v, new_kv.v.astype(cache.v.dtype), at),
     )
 
 

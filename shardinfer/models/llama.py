@@ -15,24 +15,26 @@ from flax import nnx
 
 from shardinfer.config import ModelConfig
 from shardinfer.models.rope import apply_rope, inverse_frequencies, rope_tables
-from shardinfer.models.weights import dense, embed_rows, weight
+from shardinfer.models.weights import dense, embed_rows, stacked, weight
 from shardinfer.sharding import Sharder
 
 NEG_INF = -1e30
 
 
 class LayerKV(NamedTuple):
-    k: jax.Array  # [batch, seq, kv_heads, head_dim]
-    v: jax.Array  # [batch, seq, kv_heads, head_dim]
+    k: jax.Array  # [layers, batch, seq, kv_heads, head_dim]; inside a layer, no `layers` axis
+    v: jax.Array  # [layers, batch, seq, kv_heads, head_dim]
 
 
-def _zeros(shape, axes, dtype) -> nnx.Param:
+def _zeros(shape, axes, dtype, layers: int | None) -> nnx.Param:
+    shape, axes, _ = stacked(layers, shape, axes)
     return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+    def __init__(self, dim: int, eps: float, dtype, layers: int | None = None):
+        shape, axes, _ = stacked(layers, (dim,), ("embed",))
+        self.weight = nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -42,20 +44,21 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, quantize, layers: int | None = None):
         e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_axes, kv_axes = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
-        self.q_proj = weight(rngs, (e, hq, d), q_axes, (0,), dtype, quantize)
-        self.k_proj = weight(rngs, (e, hkv, d), kv_axes, (0,), dtype, quantize)
-        self.v_proj = weight(rngs, (e, hkv, d), kv_axes, (0,), dtype, quantize)
+        common = (dtype, quantize, layers)
+        self.q_proj = weight(rngs, (e, hq, d), q_axes, (0,), *common)
+        self.k_proj = weight(rngs, (e, hkv, d), kv_axes, (0,), *common)
+        self.v_proj = weight(rngs, (e, hkv, d), kv_axes, (0,), *common)
         o_axes = ("q_heads", "head_dim", "embed")
-        self.o_proj = weight(rngs, (hq, d, e), o_axes, (0, 1), dtype, quantize)
+        self.o_proj = weight(rngs, (hq, d, e), o_axes, (0, 1), *common)
         if cfg.qkv_bias:
-            self.q_bias = _zeros((hq, d), ("q_heads", "head_dim"), dtype)
-            self.k_bias = _zeros((hkv, d), ("kv_heads", "head_dim"), dtype)
-            self.v_bias = _zeros((hkv, d), ("kv_heads", "head_dim"), dtype)
+            self.q_bias = _zeros((hq, d), ("q_heads", "head_dim"), dtype, layers)
+            self.k_bias = _zeros((hkv, d), ("kv_heads", "head_dim"), dtype, layers)
+            self.v_bias = _zeros((hkv, d), ("kv_heads", "head_dim"), dtype, layers)
         if cfg.o_bias:
-            self.o_bias = _zeros((e,), ("embed",), dtype)
+            self.o_bias = _zeros((e,), ("embed",), dtype, layers)
         self.cfg = cfg
 
     def __call__(self, x, positions, rope, cache: LayerKV | None):
@@ -100,11 +103,12 @@ def _visible(q_pos, k_pos, window: int | None):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, quantize, layers: int | None = None):
         e, m = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = weight(rngs, (e, m), ("embed", "mlp"), (0,), dtype, quantize)
-        self.up_proj = weight(rngs, (e, m), ("embed", "mlp"), (0,), dtype, quantize)
-        self.down_proj = weight(rngs, (m, e), ("mlp", "embed"), (0,), dtype, quantize)
+        common = (dtype, quantize, layers)
+        self.gate_proj = weight(rngs, (e, m), ("embed", "mlp"), (0,), *common)
+        self.up_proj = weight(rngs, (e, m), ("embed", "mlp"), (0,), *common)
+        self.down_proj = weight(rngs, (m, e), ("mlp", "embed"), (0,), *common)
 
     def __call__(self, x):
         gate = dense("bte,em->btm", x, self.gate_proj)
@@ -113,11 +117,14 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype, rngs, quantize)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, rngs, quantize)
+    """One decoder layer; built with `layers=L`, its parameters hold all L layers stacked."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs, quantize, layers: int | None = None):
+        e, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(e, eps, dtype, layers)
+        self.self_attn = Attention(cfg, dtype, rngs, quantize, layers)
+        self.post_attention_layernorm = RMSNorm(e, eps, dtype, layers)
+        self.mlp = MLP(cfg, dtype, rngs, quantize, layers)
 
     def __call__(self, x, positions, rope, cache):
         with jax.named_scope("attention"):
@@ -136,27 +143,32 @@ class Llama(nnx.Module):
         dtype,
         rngs: nnx.Rngs | None,
         quantize: str | None = None,
+        unroll: int = 1,
     ):
-        self.cfg, self.sharder, self.dtype = cfg, sharder, dtype
+        self.cfg, self.sharder, self.dtype, self.unroll = cfg, sharder, dtype, unroll
         table = ((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), (1,), dtype, quantize)
         self.embed_tokens = weight(rngs, *table)
-        self.layers = nnx.List([Block(cfg, dtype, rngs, quantize) for _ in range(cfg.num_layers)])
+        # All layers in one stacked Block, run by lax.scan: compile time stays flat with depth.
+        self.layers = Block(cfg, dtype, rngs, quantize, layers=cfg.num_layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = weight(rngs, *table)
 
-    def __call__(self, tokens, positions, cache: tuple[LayerKV, ...] | None = None):
-        """tokens, positions [B, T] -> final hidden states [B, T, E] and each layer's new k/v."""
+    def __call__(self, tokens, positions, cache: LayerKV | None = None):
+        """tokens, positions [B, T] -> final hidden states [B, T, E] and every layer's new k/v
+        [layers, B, T, kv_heads, head_dim]. The cache is only read here."""
         edge = ("batch", "seq", "embed")
         x = self.sharder.constrain(embed_rows(self.embed_tokens, tokens, self.dtype), edge)
         rope = rope_tables(positions, inverse_frequencies(self.cfg))
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            with jax.named_scope(f"layer_{i}"):
-                x, kv = layer(x, positions, rope, None if cache is None else cache[i])
-            x = self.sharder.constrain(x, edge)
-            new_kv.append(kv)
-        return self.norm(x), tuple(new_kv)
+        graphdef, params = nnx.split(self.layers)
+
+        def layer_step(x, per_layer):
+            layer_params, layer_cache = per_layer
+            x, kv = nnx.merge(graphdef, layer_params)(x, positions, rope, layer_cache)
+            return self.sharder.constrain(x, edge), kv
+
+        x, new_kv = jax.lax.scan(layer_step, x, (params, cache), unroll=self.unroll)
+        return self.norm(x), new_kv
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, T, E] -> float32 logits [B, T, vocab], against the (vocab, embed) table."""

@@ -32,12 +32,29 @@ class Int8Weight(nnx.Module):
         self.scale = nnx.Param(scale, logical_axes=kept, contract=contract)
 
 
-def weight(rngs: nnx.Rngs | None, shape, axes, contract, dtype, quantize: str | None):
-    """A matmul weight of `shape` whose `contract` axes are summed over in use.
+def stacked(layers: int | None, shape, axes, contract=()):
+    """With `layers`, one array for all layers: a leading "layers" axis (which lax.scan slices)."""
+    if layers is None:
+        return tuple(shape), tuple(axes), tuple(contract)
+    return (layers, *shape), ("layers", *axes), tuple(c + 1 for c in contract)
+
+
+def weight(
+    rngs: nnx.Rngs | None,
+    shape,
+    axes,
+    contract,
+    dtype,
+    quantize: str | None,
+    layers: int | None = None,
+):
+    """A matmul weight of `shape` whose `contract` axes are summed over in use (stacked over
+    `layers` when given).
 
     Random normal values (std 0.02), or zeros when rngs is None (abstract shapes: cheaper to
     trace).
     """
+    shape, axes, contract = stacked(layers, shape, axes, contract)
     if rngs is None:
         value = jnp.zeros(shape, jnp.float32)
     else:

@@ -40,12 +40,12 @@ def load_params(
 ) -> nnx.State:
     """Each parameter read from `source` and placed so that every device gets only its slice.
 
-    The host holds at most one tensor at a time (for memory-mapped files, only the slices being
-    placed). An int8 weight is quantized on the host from its float tensor, then placed.
+    The host holds one parameter at a time (for a stacked layer parameter, that tensor of every
+    layer). An int8 weight is quantized on the host from its float tensor, then placed.
     """
     quantized: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # both halves of one weight
 
-    def read(path: tuple) -> tuple[str, np.ndarray]:
+    def read_one(path: tuple) -> np.ndarray:
         ref = hf_tensor(path, cfg)
         if ref.name not in source:
             raise ValueError(f"checkpoint has no tensor {ref.name!r}, which the config needs")
@@ -55,25 +55,30 @@ def load_params(
                 f"tensor {ref.name!r} has shape {tuple(raw.shape)} in the checkpoint, but the "
                 f"config needs {ref.shape}"
             )
-        return ref.name, ref.to_ours(raw)
+        return ref.to_ours(raw)
+
+    def read(path: tuple) -> np.ndarray:
+        if path[0] != "layers":
+            return read_one(path)
+        # A stacked layer parameter: the same tensor of every layer, in order.
+        return np.stack([read_one(("layers", i, *path[1:])) for i in range(cfg.num_layers)])
 
     def one(path, var):
         contract = getattr(var, "contract", None)
         if contract is None:
-            name, ours = read(path)
-            target_dtype = dtype
+            ours, target_dtype = read(path), dtype
         else:  # an Int8Weight's "q" or "scale": quantize the float tensor once for both
             base = path[:-1]
             if base not in quantized:
-                name, ours = read(base)
-                quantized[base] = quantize_int8(np.asarray(ours, np.float32), contract)
+                quantized[base] = quantize_int8(np.asarray(read(base), np.float32), contract)
             q, scale = quantized[base]
             if path[-1] == "scale":
                 del quantized[base]
-            name, ours = ".".join(map(str, path)), q if path[-1] == "q" else scale
+            ours = q if path[-1] == "q" else scale
             target_dtype = ours.dtype
         shape = var.get_value().shape
-        sharding = sharder.sharding(var.logical_axes, shape, name)
+        what = ".".join(map(str, path))
+        sharding = sharder.sharding(var.logical_axes, shape, what)
         array = jax.make_array_from_callback(
             shape, sharding, lambda index: np.asarray(ours[index]).astype(target_dtype)
         )

@@ -117,12 +117,20 @@ def _filter_top_k_top_p(scaled, top_k, top_p):
 def sample(logits, positions, temperature, top_k, top_p, seed):
     """logits [B, V] float32 -> token ids [B] int32; `positions` [B] index of the drawn token."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
-    scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, *_: s, scaled, top_k, top_p)
-    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, positions)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+
+    def draw(logits):
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
+        scaled = jax.lax.cond(
+            needs_filter, _filter_top_k_top_p, lambda s, *_: s, scaled, top_k, top_p
+        )
+        keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, positions)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # Random draws over the whole vocabulary cost more than the argmax: skip them when every
+    # row is greedy.
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, logits)
 
 
 def set_row(rows: SamplingArrays, index: int, one: SamplingArrays) -> None:

@@ -65,3 +65,14 @@ def test_int8_on_the_real_model():
     llm = si.LLM(int8, max_batch=2, max_seq_len=128)
     out = llm.chat(chat[:1], si.SamplingParams(max_tokens=16, temperature=0.0))[0]
     assert "Paris" in out.text
+
+
+def test_bfloat16_weights_and_activations(tiny_llama):
+    tokens = np.arange(24).reshape(2, 12) % 256
+    full = si.load_model(tiny_llama, mesh="data=2,model=4").logits(tokens)
+    half = si.load_model(tiny_llama, mesh="data=2,model=4", dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(half.state)} == {np.dtype("bfloat16")}
+    got = half.logits(tokens)
+    assert got.dtype == np.float32  # logits always come back in float32
+    assert np.abs(got - full).max() < 0.05 * np.abs(full).max()
+    assert (got.argmax(-1) == full.argmax(-1)).mean() >= 0.9

@@ -15,7 +15,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -49,12 +51,27 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def cpu_times() -> tuple[float, float, float]:
+    """(wall s, CPU s busy on the whole host, CPU s of this process) for spotting contention."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle, io
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), busy, own.ru_utime + own.ru_stime
+
+
+def other_load(start: tuple[float, float, float]) -> float:
+    """Cores' worth of CPU that other processes (or the hypervisor's steal) used since start."""
+    end = cpu_times()
+    return ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
+
+
 def measure(run: Callable[[int], list[list[int]]], batch: int, n: int, repeats: int) -> dict:
     """Times run(max_new_tokens) for 1 and n tokens; the first call (compile) is kept apart.
 
     Subtracting the 1-token time removes prefill and per-call overhead, leaving n-1 decode steps.
     """
     first_call_s, tokens = timed(lambda: run(n))
+    start = cpu_times()
     t1 = statistics.median(timed(lambda: run(1))[0] for _ in range(repeats))
     tn = statistics.median(timed(lambda: run(n))[0] for _ in range(repeats))
     assert all(len(row) == n for row in tokens), "expected exactly n new tokens per row"
@@ -67,6 +84,8 @@ def measure(run: Callable[[int], list[list[int]]], batch: int, n: int, repeats: 
         # Identical prompts under greedy decoding must give identical rows.
         "rows_identical": all(row == tokens[0] for row in tokens),
         "tokens_row0": tokens[0],
+        # Other processes on this host skew timings; > ~0.1 cores means a noisy measurement.
+        "other_load_cores": other_load(start),
     }
 
 
@@ -75,7 +94,9 @@ def bench_shardinfer(model: Any, ids: list[int], args: argparse.Namespace) -> li
 
     results = []
     for batch in args.batch_sizes:
-        llm = si.LLM(model, max_batch=batch, max_seq_len=512)  # one KV cache per batch size
+        # One KV cache per batch size; no persistent compilation cache, so that first_call_s is
+        # a cold compile plus one run whatever earlier runs left on disk.
+        llm = si.LLM(model, max_batch=batch, max_seq_len=512, compilation_cache=None)
 
         def run(n: int, llm: si.LLM = llm, batch: int = batch) -> list[list[int]]:
             params = si.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -138,6 +159,18 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 10) -> dict:
     return out
 
 
+def git_revision() -> str:
+    """HEAD, plus "-dirty" when shardinfer/ has uncommitted changes (the code that was timed)."""
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "shardinfer"], capture_output=True)
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict:
     import jax
 
@@ -155,7 +188,6 @@ def machine_info() -> dict:
         "cpu_model": models[0] if models else None,
         "uname": " ".join(platform.uname()),
         "cpu_count": os.cpu_count(),
-        "loadavg_at_end": os.getloadavg(),  # other load on the host skews every number
         "python": platform.python_version(),
         **{name: version(name) for name in ("jax", "jaxlib", "flax", "torch", "transformers")},
         "devices": [str(d) for d in jax.devices()],
@@ -194,8 +226,8 @@ def markdown(report: dict) -> str:
         f"{report['new_tokens']} new tokens (greedy), median of {report['repeats']} runs.",
         "",
         "| batch | shardinfer tok/s | HF tok/s | shardinfer/HF | shardinfer TTFT ms | HF TTFT ms "
-        "| shardinfer first call s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| shardinfer first call s | other load, cores |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["shardinfer"]:
         h = hf.get(r["batch"])
@@ -207,6 +239,7 @@ def markdown(report: dict) -> str:
         )
         cells += [f"{r['ttft_s'] * 1e3:.0f}", f"{h['ttft_s'] * 1e3:.0f}" if h else "-"]
         cells.append(f"{r['first_call_s']:.1f}")
+        cells.append(f"{max(r['other_load_cores'], h['other_load_cores'] if h else 0):.2f}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     reached = f"shardinfer {lim['fraction_shardinfer'] or 0:.0%}"
     if lim["fraction_hf"] is not None:
@@ -238,6 +271,7 @@ def main() -> None:
 
     path = resolve_registry_name(MODEL)
     assert path is not None
+    revision = git_revision()  # before the run: files may change while it runs
     load_s, model = timed(lambda: si.load_model(MODEL, mesh=args.mesh))
     tok = model.tokenizer
     ids = tok.encode(
@@ -263,6 +297,8 @@ def main() -> None:
         "gguf": path.name,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
+        "git_revision": revision,
+        "shardinfer_file": si.__file__,
         "machine": machine_info(),
         "mesh": args.mesh,
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_WAIT_POLICY")},

@@ -73,12 +73,16 @@ def test_bad_dtype(tiny_llama):
         si.load_model(tiny_llama, dtype="int32")
 
 
+def _copy_with_config(source, dest, **changes):
+    """A copy of a checkpoint directory whose config.json says something else."""
+    shutil.copytree(source, dest)
+    raw = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**raw, **changes}))
+    return dest
+
+
 def test_mismatched_checkpoint_names_tensor_and_shapes(tiny_llama, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_llama, bad)
-    raw = json.loads((bad / "config.json").read_text())
-    raw["intermediate_size"] = 96
-    (bad / "config.json").write_text(json.dumps(raw))
+    bad = _copy_with_config(tiny_llama, tmp_path / "bad", intermediate_size=96)
     with pytest.raises(
         ValueError,
         match=r"'model.layers.0.mlp.down_proj.weight' has shape \(64, 128\) in the checkpoint, "
@@ -88,11 +92,7 @@ def test_mismatched_checkpoint_names_tensor_and_shapes(tiny_llama, tmp_path):
 
 
 def test_missing_tensor(tiny_llama, tmp_path):
-    bad = tmp_path / "untied"
-    shutil.copytree(tiny_llama, bad)
-    raw = json.loads((bad / "config.json").read_text())
-    raw["num_hidden_layers"] = 3
-    (bad / "config.json").write_text(json.dumps(raw))
+    bad = _copy_with_config(tiny_llama, tmp_path / "deeper", num_hidden_layers=3)
     with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.2\.input_layernorm\.weight'"):
         si.load_model(bad)
 
@@ -107,11 +107,7 @@ def test_truncated_safetensors(tiny_llama, tmp_path):
 
 
 def test_unsupported_architecture(tiny_llama, tmp_path):
-    bad = tmp_path / "gpt2"
-    shutil.copytree(tiny_llama, bad)
-    raw = json.loads((bad / "config.json").read_text())
-    raw["model_type"] = "gpt2"
-    (bad / "config.json").write_text(json.dumps(raw))
+    bad = _copy_with_config(tiny_llama, tmp_path / "gpt2", model_type="gpt2")
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         si.load_model(bad)
 

@@ -126,7 +126,7 @@ class Tokenizer:
                 f"GGUF tokenizer model {kind!r} is not supported yet (only byte-level BPE, 'gpt2')"
             )
         tokens = gguf_file.array_field("tokenizer.ggml.tokens")
-        merges = gguf_file.array_field("tokenizer.ggml.merges")
+        merges = gguf_file.array_field("tokenizer.ggml.merges") or []
         types = gguf_file.array_field("tokenizer.ggml.token_type") or [1] * len(tokens)
         vocab = {tok: i for i, tok in enumerate(tokens)}
         bpe = models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)

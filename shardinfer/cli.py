@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 # Importing jax is fine before --host-devices is applied: XLA reads the flag when the backend
 # starts (the first device query), not at import.
@@ -52,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--max-seq-len", type=int, default=1024)
     gen.add_argument("--raw", action="store_true", help="skip the chat template")
+
+    bench = sub.add_parser("bench", help="decode tok/s, time to first token, bandwidth limit")
+    common(bench)
+    bench.add_argument("--batch-sizes", default="1,8,32")
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--prompt-lengths", default="32,512")
+    bench.add_argument("--json", default=None, help="also write the numbers to this file")
 
     conv = sub.add_parser("convert", help="HF dir or .gguf -> sharded orbax checkpoint")
     conv.add_argument("source", help="registry name, HF directory or .gguf file")
@@ -130,6 +139,26 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import json
+
+    import shardinfer as si
+    from shardinfer.serving.bench import format_report, run_bench
+
+    model = si.load_model(args.model, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize)
+    _print_sharding(model)
+    result = run_bench(
+        model,
+        [int(b) for b in args.batch_sizes.split(",")],
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        prompt_lengths=tuple(int(n) for n in args.prompt_lengths.split(",")),
+    )
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
 def _convert(args: argparse.Namespace) -> None:
     import shardinfer as si
 
@@ -148,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             _info()
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "bench":
+            _bench(args)
         elif args.command == "convert":
             _convert(args)
     except ValueError as e:

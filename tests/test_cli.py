@@ -1,5 +1,6 @@
 """The README's main command, end to end in a fresh process."""
 
+import json
 import os
 import re
 import subprocess
@@ -65,3 +66,18 @@ def test_convert_then_generate(tiny_llama, tmp_path):
     np.testing.assert_allclose(
         si.load_model(dest).logits(tokens), si.load_model(tiny_llama).logits(tokens), atol=1e-5
     )
+
+
+def test_bench_reports_rates_and_the_bandwidth_limit(tiny_llama, tmp_path):
+    out = tmp_path / "bench.json"
+    done = _run(
+        "bench", "--model", str(tiny_llama), "--host-devices", "2", "--mesh", "data=2",
+        "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "1",
+        "--prompt-lengths", "8,40", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "time to first token, 40-token prompt" in done.stdout
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["decode"]] == [1, 2]
+    assert all(row["decode_tok_s"] > 0 for row in result["decode"])
+    assert result["decode"][0]["fraction_of_bandwidth_limit"] > 0

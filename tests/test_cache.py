@@ -22,9 +22,7 @@ def test_cached_decode_equals_full_forward(tiny_hf, mesh):
     decode = jax.jit(lambda s, c, t, p: decode_logits(model.graphdef, s, c, t, p))
     padded = np.where(np.arange(bucket) < prompt_lengths[:, None], tokens[:, :bucket], 0)
     logits, kv = prefill(model.state, padded, prompt_lengths)
-    for row in range(rows):  # as the engine does: each prefilled row into its own slot
-        row_kv = jax.tree.map(lambda a, r=row: a[:, r : r + 1], kv)
-        cache = insert(cache, row_kv, row)
+    cache = insert(cache, kv, np.arange(rows, dtype=np.int32))  # row i into slot i
     np.testing.assert_allclose(logits, full[np.arange(rows), prompt_lengths - 1], atol=1e-4, rtol=0)
     positions = prompt_lengths.copy()
     for _ in range(total - prompt_lengths.max()):

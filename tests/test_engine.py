@@ -46,8 +46,10 @@ def test_seeded_sampling_is_reproducible_among_others(llm):
 
 
 def test_no_compilation_after_warm_up(llm):
-    for length in (1, 17, 33):  # one prompt in each bucket (16, 32, 64)
-        llm.generate([[1] * length], si.SamplingParams(max_tokens=3, temperature=0.0))
+    # Warm-up: each prompt bucket (16, 32, 64), prefilled alone and in a group.
+    for length in (1, 17, 33):
+        for group in (1, 2):
+            llm.generate([[1] * length] * group, si.SamplingParams(max_tokens=3, temperature=0))
     llm.generate([[1, 2]], si.SamplingParams(max_tokens=2, temperature=0.7, top_k=5, seed=1))
     before = compilations()
     prompts, params = _workload()

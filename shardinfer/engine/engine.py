@@ -18,6 +18,9 @@ from shardinfer.model import Model
 from shardinfer.models.llama import LayerKV
 
 MIN_BUCKET = 16
+# Requests that arrive together are prefilled together, up to this many rows at a time; a
+# lone request is prefilled alone. Two row counts keep the set of compiled shapes small.
+PREFILL_ROWS = 8
 
 
 def bucket_length(n: int, limit: int) -> int:
@@ -45,13 +48,13 @@ def decode_logits(graphdef, state, cache: KVCache, tokens, positions):
     return model.logits(hidden)[:, 0], write_at(cache, new_kv, positions)
 
 
-def insert(cache: KVCache, new_kv: KVCache, slot) -> KVCache:
-    """Copies one prefilled request's k/v [layers, 1, T, ...] into cache row `slot`, at
-    positions 0..T-1."""
-    at = (0, slot, 0, 0, 0)
+def insert(cache: KVCache, new_kv: KVCache, slots) -> KVCache:
+    """Copies prefilled k/v [layers, R, T, ...] row r into cache row slots[r], positions
+    0..T-1. A slot index past the end (a padding row) is dropped."""
+    width = new_kv.k.shape[2]
     return LayerKV(
-        jax.lax.dynamic_update_slice(cache.k, new_kv.k.astype(cache.k.dtype), at),
-        jax.lax.dynamic_update_slice(cache.v, new_kv.v.astype(cache.v.dtype), at),
+        cache.k.at[:, slots, :width].set(new_kv.k.astype(cache.k.dtype), mode="drop"),
+        cache.v.at[:, slots, :width].set(new_kv.v.astype(cache.v.dtype), mode="drop"),
     )
 
 
@@ -83,17 +86,32 @@ class Engine:
         """Which `data` shard holds a slot's cache row (rows are split in contiguous blocks)."""
         return slot // (self.slots // self.data_shards)
 
-    def prefill(self, prompt: list[int], sampling: SamplingArrays) -> tuple[int, KVCache]:
-        """Runs one prompt; returns its first sampled token and its k/v (not yet in a slot)."""
-        width = bucket_length(len(prompt), self.max_seq_len)
-        tokens = np.zeros((1, width), np.int32)
-        tokens[0, : len(prompt)] = prompt
-        lengths = np.array([len(prompt)], np.int32)
-        token, kv = self._prefill(self.model.state, tokens, lengths, sampling.as_tuple())
-        return int(token[0]), kv
+    @property
+    def prefill_rows(self) -> int:
+        return min(PREFILL_ROWS, self.slots)
 
-    def insert(self, kv: KVCache, slot: int) -> None:
-        self.cache = self._insert(self.cache, kv, np.int32(slot))
+    def prefill(self, prompts: list[list[int]], sampling: SamplingArrays):
+        """Runs up to `prefill_rows` prompts together (padded to one length bucket, and to 1 or
+        `prefill_rows` rows); returns each one's first sampled token and the k/v of all rows
+        (not yet in a slot)."""
+        n = len(prompts)
+        rows = 1 if n == 1 else self.prefill_rows
+        width = bucket_length(max(len(p) for p in prompts), self.max_seq_len)
+        tokens = np.zeros((rows, width), np.int32)
+        lengths = np.ones(rows, np.int32)  # padding rows: one dummy token
+        for i, prompt in enumerate(prompts):
+            tokens[i, : len(prompt)] = prompt
+            lengths[i] = len(prompt)
+        padded = SamplingArrays(*(np.resize(a, rows) for a in sampling.as_tuple()))
+        first, kv = self._prefill(self.model.state, tokens, lengths, padded.as_tuple())
+        return [int(t) for t in np.asarray(first)[:n]], kv
+
+    def insert(self, kv: KVCache, slots: list[int]) -> None:
+        """Row i of a prefill's k/v into cache row slots[i]; rows beyond `slots` are padding."""
+        rows = kv.k.shape[1]
+        targets = np.full(rows, self.slots, np.int32)  # out of range: dropped
+        targets[: len(slots)] = slots
+        self.cache = self._insert(self.cache, kv, targets)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, sampling: SamplingArrays):
         """One step for every slot: tokens/positions [slots] -> next tokens [slots] (host)."""

@@ -133,7 +133,7 @@ def sample(logits, positions, temperature, top_k, top_p, seed):
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, logits)
 
 
-def set_row(rows: SamplingArrays, index: int, one: SamplingArrays) -> None:
-    """Copies a single-row SamplingArrays into row `index` of `rows`."""
+def set_row(rows: SamplingArrays, index: int, other: SamplingArrays, row: int = 0) -> None:
+    """Copies row `row` of `other` into row `index` of `rows`."""
     for name in ("temperature", "top_k", "top_p", "seed"):
-        getattr(rows, name)[index] = getattr(one, name)[0]
+        getattr(rows, name)[index] = getattr(other, name)[row]

@@ -65,23 +65,34 @@ class Scheduler:
         return touched
 
     def _admit(self) -> list[Request]:
-        admitted = []
+        """Moves waiting requests into free slots, prefilling those that arrive together in
+        one call."""
+        admitted: list[Request] = []
         while self.waiting and (slot := self._free_slot()) is not None:
-            request = self.waiting.popleft()
-            sampling = SamplingArrays.for_rows([request.params])
-            token, kv = self.engine.prefill(request.prompt_ids, sampling)
+            group: list[tuple[Request, int]] = []
+            while self.waiting and slot is not None and len(group) < self.engine.prefill_rows:
+                request = self.waiting.popleft()
+                self.running[slot] = request  # reserve it, so the next choice sees the load
+                group.append((request, slot))
+                slot = self._free_slot()
+            admitted += self._prefill_group(group)
+        return admitted
+
+    def _prefill_group(self, group: list[tuple[Request, int]]) -> list[Request]:
+        requests = [r for r, _ in group]
+        sampling = SamplingArrays.for_rows([r.params for r in requests])
+        first, kv = self.engine.prefill([r.prompt_ids for r in requests], sampling)
+        self.engine.insert(kv, [slot for _, slot in group])
+        for i, ((request, slot), token) in enumerate(zip(group, first, strict=True)):
             self.metrics.prefill_tokens += len(request.prompt_ids)
             self.metrics.tokens_generated += 1
             request.append(token)
-            admitted.append(request)
-            if request.done:  # one token was all it needed: it never takes a slot
-                self._finish(request, slot=None)
+            if request.done:  # one token was all it needed: the slot is free again
+                self._finish(request, slot)
                 continue
-            self.engine.insert(kv, slot)
-            self.running[slot] = request
             self.tokens[slot], self.positions[slot] = token, len(request.prompt_ids)
-            set_row(self.sampling, slot, sampling)
-        return admitted
+            set_row(self.sampling, slot, sampling, i)
+        return requests
 
     def _free_slot(self) -> int | None:
         """A free slot on the `data` shard with the fewest live slots (ties: lowest shard)."""

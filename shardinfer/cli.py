@@ -54,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-seq-len", type=int, default=1024)
     gen.add_argument("--raw", action="store_true", help="skip the chat template")
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    common(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (loopback default)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8, help="decode slots")
+    serve.add_argument("--max-seq-len", type=int, default=2048)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("SHARDINFER_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (env SHARDINFER_API_KEY)",
+    )
+
     bench = sub.add_parser("bench", help="decode tok/s, time to first token, bandwidth limit")
     common(bench)
     bench.add_argument("--batch-sizes", default="1,8,32")
@@ -159,6 +171,24 @@ def _bench(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    import shardinfer as si
+    from shardinfer.serving.async_engine import AsyncEngine
+    from shardinfer.serving.http import create_app
+
+    model = si.load_model(args.model, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize)
+    _print_sharding(model)
+    llm = si.LLM(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+    engine = AsyncEngine(llm)
+    app = create_app(engine, args.model, api_key=args.api_key)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+
+
 def _convert(args: argparse.Namespace) -> None:
     import shardinfer as si
 
@@ -177,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             _info()
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "serve":
+            _serve(args)
         elif args.command == "bench":
             _bench(args)
         elif args.command == "convert":

@@ -1,0 +1,170 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over loopback."""
+
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import openai
+import pytest
+import uvicorn
+
+import shardinfer as si
+from shardinfer.serving.async_engine import AsyncEngine
+from shardinfer.serving.http import create_app
+
+MODEL = "smollm2-135m-instruct"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    mesh = si.make_mesh("data=1", devices=jax.devices()[:1])
+    llm = si.LLM(MODEL, mesh=mesh, max_batch=4, max_seq_len=256)
+    # The reference, before the engine thread takes the LLM over (one owner at a time).
+    llm.expected_chat = llm.chat(CHAT, si.SamplingParams(max_tokens=24, temperature=0.0))[0]
+    engine = AsyncEngine(llm, max_waiting=64)
+    config = uvicorn.Config(create_app(engine, MODEL), host="127.0.0.1", port=0, log_level="error")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield llm, engine, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[2] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_completion_equals_llm_chat(server, client):
+    llm = server[0]
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24,
+                                           temperature=0)  # fmt: skip
+    assert reply.choices[0].message.content == llm.expected_chat.text
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 20
+
+
+def test_streaming_chat_and_completion(client):
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24,
+                                           temperature=0).choices[0].message.content  # fmt: skip
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=24, temperature=0, stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(pieces) == whole and len(pieces) > 3
+    done = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=8, temperature=0)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="The sea is", max_tokens=8, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == done.choices[0].text and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 8
+
+
+def test_models_health_metrics(server, client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    base = server[2]
+    assert json.loads(urllib.request.urlopen(base + "/health").read()) == {"status": "ok"}
+    text = urllib.request.urlopen(base + "/metrics").read().decode()
+    assert "shardinfer_tokens_generated" in text and "shardinfer_live_slots 0.0" in text
+
+
+def _post(base, path, body: bytes, content_type="application/json"):
+    request = urllib.request.Request(base + path, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"{not json", 400, "json"),
+        (json.dumps({"model": "nope", "prompt": "hi"}).encode(), 404, "does not exist"),
+        (json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "prompt is empty"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": -1}).encode(), 400,
+         "max_tokens"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "temperature": -1}).encode(), 400,
+         "temperature"),
+        (json.dumps({"model": MODEL, "prompt": "word " * 300}).encode(), 400, "max_seq_len"),
+        (json.dumps({"model": MODEL}).encode(), 400, "prompt"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_openai_errors(server, body, status, words):
+    code, reply = _post(server[2], "/v1/completions", body)
+    assert code == status
+    assert words in reply["error"]["message"].lower() and reply["error"]["code"] == status
+
+
+def test_wrong_content_type(server):
+    code, reply = _post(server[2], "/v1/completions", b"prompt=hi", "text/plain")
+    assert code == 415 and "content-type" in reply["error"]["message"]
+
+
+def test_disconnect_frees_the_slot(server):
+    llm, engine, base = server
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200,
+                       "stream": True, "temperature": 0}).encode()  # fmt: skip
+    request = urllib.request.Request(base + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    response = urllib.request.urlopen(request)
+    response.readline()  # the first event: the request holds a slot now
+    assert llm.metrics.live_slots == 1
+    response.close()  # the client goes away mid-stream
+    deadline = time.time() + 20
+    while llm.metrics.live_slots and time.time() < deadline:
+        time.sleep(0.1)
+    assert llm.metrics.live_slots == 0 and not engine.busy()
+
+
+def test_48_concurrent_streams_all_complete(server):
+    import asyncio
+
+    llm, engine, base = server
+    before = llm.metrics.requests_finished
+    prompts = [f"Count to {i}:" for i in range(48)]
+
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None, int]:
+        text, reason, usage = "", None, 0
+        stream = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True
+        )
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+                reason = chunk.choices[0].finish_reason or reason
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+        return text, reason, usage
+
+    async def all_of_them():
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    results = asyncio.run(all_of_them())
+    assert all(reason in ("stop", "length") for _, reason, _ in results)
+    assert all(0 < usage <= 6 for _, _, usage in results)
+    assert llm.metrics.requests_finished == before + 48
+    text = urllib.request.urlopen(base + "/metrics").read().decode()
+    finished = float(re.search(r"^shardinfer_requests_finished (\S+)$", text, re.M).group(1))
+    assert finished == llm.metrics.requests_finished and not engine.busy()

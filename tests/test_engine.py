@@ -82,7 +82,7 @@ def test_metrics(llm):
 
 
 def test_abandoned_run_frees_its_slot(llm):
-    (request,) = llm._requests([[1, 2, 3]], si.SamplingParams(max_tokens=30, ignore_eos=True))
+    request = llm.new_request([1, 2, 3], si.SamplingParams(max_tokens=30, ignore_eos=True))
     steps = llm._run([request])
     next(steps), next(steps)
     assert llm.metrics.live_slots == 1

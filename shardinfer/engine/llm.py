@@ -98,6 +98,12 @@ class LLM:
             if delta:
                 yield delta
 
+    def new_request(self, prompt: Prompt, params: SamplingParams) -> Request:
+        """A validated request (ValueError otherwise), not yet queued: for front ends that
+        drive the scheduler themselves, such as the HTTP server's engine thread."""
+        (request,) = self._requests(self._prompt_ids([prompt]), params)
+        return request
+
     # ---- input handling ---------------------------------------------------------------------
 
     def _require_tokenizer(self):

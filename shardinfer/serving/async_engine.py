@@ -58,7 +58,7 @@ class AsyncEngine:
         """Validates and queues one request (ValueError for bad input, QueueFull when full)."""
         if self.waiting() >= self.max_waiting:
             raise QueueFull(f"{self.max_waiting} requests are already waiting")
-        (request,) = self.llm._requests(self.llm._prompt_ids([prompt_ids]), params)
+        request = self.llm.new_request(prompt_ids, params)
         handle = Handle(request, asyncio.Queue(), asyncio.get_running_loop())
         self._inbox.put(("add", handle))
         return handle

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback."""
 
+import contextlib
 import json
 import re
 import threading
@@ -13,7 +14,7 @@ import pytest
 import uvicorn
 
 import shardinfer as si
-from shardinfer.serving.async_engine import AsyncEngine
+from shardinfer.serving.async_engine import AsyncEngine, QueueFull
 from shardinfer.serving.http import create_app
 
 MODEL = "smollm2-135m-instruct"
@@ -27,17 +28,25 @@ def server():
     # The reference, before the engine thread takes the LLM over (one owner at a time).
     llm.expected_chat = llm.chat(CHAT, si.SamplingParams(max_tokens=24, temperature=0.0))[0]
     engine = AsyncEngine(llm, max_waiting=64)
-    config = uvicorn.Config(create_app(engine, MODEL), host="127.0.0.1", port=0, log_level="error")
+    with _serving(create_app(engine, MODEL)) as base:
+        yield llm, engine, base
+    engine.stop()
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """Runs an ASGI app with uvicorn on a free loopback port, in a thread."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield llm, engine, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    engine.stop()
+    try:
+        yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +177,39 @@ def test_48_concurrent_streams_all_complete(server):
     text = urllib.request.urlopen(base + "/metrics").read().decode()
     finished = float(re.search(r"^shardinfer_requests_finished (\S+)$", text, re.M).group(1))
     assert finished == llm.metrics.requests_finished and not engine.busy()
+
+
+class _FullEngine:
+    """Stands in for an AsyncEngine whose queue is full."""
+
+    def __init__(self, llm):
+        self.llm, self.metrics = llm, llm.metrics
+
+    def submit(self, prompt_ids, params):
+        raise QueueFull("256 requests are already waiting")
+
+    def waiting(self) -> int:
+        return 256
+
+
+def test_full_queue_answers_429_with_retry_after(server):
+    with _serving(create_app(_FullEngine(server[0]), MODEL)) as base:
+        request = urllib.request.Request(
+            base + "/v1/completions",
+            data=json.dumps({"model": MODEL, "prompt": "hi"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request)
+        assert refused.value.code == 429 and refused.value.headers["Retry-After"] == "1"
+        assert json.loads(refused.value.read())["error"]["type"] == "rate_limit_error"
+
+
+def test_api_key_is_required_when_set(server):
+    with _serving(create_app(_FullEngine(server[0]), MODEL, api_key="sekret")) as base:
+        wrong = openai.OpenAI(base_url=base + "/v1", api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=base + "/v1", api_key="sekret", max_retries=0)
+        assert [m.id for m in right.models.list()] == [MODEL]
+        assert json.loads(urllib.request.urlopen(base + "/health").read())["status"] == "ok"

@@ -58,7 +58,7 @@ def _build_tiny(arch: str, directory: Path) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        max_position_embeddings=128,
+        max_position_embeddings=512,
         initializer_range=0.2,  # logits of order 1-10, so a 1e-4 tolerance means something
         rms_norm_eps=1e-5,
         **TINY[arch],

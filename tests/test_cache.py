@@ -9,8 +9,11 @@ from shardinfer.engine.engine import decode_logits, insert, prefill_logits
 from shardinfer.engine.kv_cache import init_cache
 
 
-@pytest.mark.parametrize("mesh", ["data=2,model=4", "model=8"])
-def test_cached_decode_equals_full_forward(tiny_hf, mesh):
+@pytest.mark.parametrize(
+    "mesh, cache_len", [("data=2,model=4", 0), ("model=8", 0), ("data=2,model=4", 16)]
+)
+def test_cached_decode_equals_full_forward(tiny_hf, mesh, cache_len):
+    """cache_len=16: attention reads only the first 16 of the cache's 32 positions."""
     model = si.load_model(tiny_hf, mesh=mesh)
     rows, total, bucket = 4, 14, 8
     prompt_lengths = np.array([3, 8, 1, 5], np.int32)  # ragged rows, right-padded
@@ -19,7 +22,7 @@ def test_cached_decode_equals_full_forward(tiny_hf, mesh):
 
     cache = init_cache(model.config, model.sharder, rows, 32, model.dtype)
     prefill = jax.jit(lambda s, t, n: prefill_logits(model.graphdef, s, t, n))
-    decode = jax.jit(lambda s, c, t, p: decode_logits(model.graphdef, s, c, t, p))
+    decode = jax.jit(lambda s, c, t, p: decode_logits(model.graphdef, s, c, t, p, cache_len))
     padded = np.where(np.arange(bucket) < prompt_lengths[:, None], tokens[:, :bucket], 0)
     logits, kv = prefill(model.state, padded, prompt_lengths)
     cache = insert(cache, kv, np.arange(rows, dtype=np.int32))  # row i into slot i

@@ -89,3 +89,22 @@ def test_abandoned_run_frees_its_slot(llm):
     steps.close()  # the caller went away (a closed stream, a disconnected client)
     assert request.finish_reason == "abort"
     assert llm.metrics.live_slots == 0 and not llm.scheduler.has_work()
+
+
+def test_long_generation_across_cache_buckets_matches_hf(tiny_llama):
+    """150 greedy tokens: decode attends over 128, then 256 cache positions (of 512)."""
+    import torch
+    from conftest import hf_model
+
+    prompt = [3, 14, 15, 92, 65]
+    llm = si.LLM(tiny_llama, mesh="data=2,model=4", max_batch=2, max_seq_len=512)
+    ours = llm.generate([prompt], si.SamplingParams(max_tokens=150, temperature=0.0,
+                                                    ignore_eos=True))[0].token_ids  # fmt: skip
+    reference = hf_model(tiny_llama)
+    reference.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
+            do_sample=False, max_new_tokens=150,
+        )[0, 5:].tolist()  # fmt: skip
+    assert ours == expected

@@ -21,6 +21,8 @@ MIN_BUCKET = 16
 # Requests that arrive together are prefilled together, up to this many rows at a time; a
 # lone request is prefilled alone. Two row counts keep the set of compiled shapes small.
 PREFILL_ROWS = 8
+# The smallest cache length a decode step attends over; larger ones are powers of two.
+DECODE_MIN_CACHE = 128
 
 
 def bucket_length(n: int, limit: int) -> int:
@@ -41,10 +43,11 @@ def prefill_logits(graphdef, state, tokens, lengths):
     return model.logits(last)[:, 0], new_kv
 
 
-def decode_logits(graphdef, state, cache: KVCache, tokens, positions):
-    """tokens [B] at positions [B] -> logits [B, V] for the token after each; cache updated."""
+def decode_logits(graphdef, state, cache: KVCache, tokens, positions, cache_len: int = 0):
+    """tokens [B] at positions [B] -> logits [B, V] for the token after each; cache updated.
+    With `cache_len`, attention reads only the first cache_len positions (all < cache_len)."""
     model = nnx.merge(graphdef, state)
-    hidden, new_kv = model(tokens[:, None], positions[:, None], cache)
+    hidden, new_kv = model(tokens[:, None], positions[:, None], cache, cache_len)
     return model.logits(hidden)[:, 0], write_at(cache, new_kv, positions)
 
 
@@ -69,13 +72,13 @@ class Engine:
             logits, kv = prefill_logits(graphdef, state, tokens, lengths)
             return sample(logits, lengths, *sampling), kv
 
-        def decode(state, cache, tokens, positions, sampling):
-            logits, cache = decode_logits(graphdef, state, cache, tokens, positions)
+        def decode(state, cache, tokens, positions, sampling, cache_len):
+            logits, cache = decode_logits(graphdef, state, cache, tokens, positions, cache_len)
             return sample(logits, positions + 1, *sampling), cache
 
         self._prefill = jax.jit(prefill)
         self._insert = jax.jit(insert, donate_argnums=(0,))
-        self._decode = jax.jit(decode, donate_argnums=(1,))
+        self._decode = jax.jit(decode, donate_argnums=(1,), static_argnums=(5,))
         self.cache = init_cache(model.config, model.sharder, slots, max_seq_len, model.dtype)
 
     @property
@@ -114,7 +117,13 @@ class Engine:
         self.cache = self._insert(self.cache, kv, targets)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, sampling: SamplingArrays):
-        """One step for every slot: tokens/positions [slots] -> next tokens [slots] (host)."""
+        """One step for every slot: tokens/positions [slots] -> next tokens [slots] (host).
+
+        Attention reads the cache only up to a power-of-two bucket above the furthest position
+        (at least DECODE_MIN_CACHE): reading all of max_seq_len every step cost more than the
+        weights at batch 32."""
+        cache_len = max(bucket_length(int(positions.max()) + 1, self.max_seq_len),
+                        min(DECODE_MIN_CACHE, self.max_seq_len))  # fmt: skip
         put = self._put_rows
         new, self.cache = self._decode(
             self.model.state,
@@ -122,6 +131,7 @@ class Engine:
             put(tokens),
             put(positions),
             tuple(put(a) for a in sampling.as_tuple()),
+            cache_len,
         )
         return np.asarray(new)
 

@@ -154,9 +154,10 @@ class Llama(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = weight(rngs, *table)
 
-    def __call__(self, tokens, positions, cache: LayerKV | None = None):
+    def __call__(self, tokens, positions, cache: LayerKV | None = None, cache_len: int = 0):
         """tokens, positions [B, T] -> final hidden states [B, T, E] and every layer's new k/v
-        [layers, B, T, kv_heads, head_dim]. The cache is only read here."""
+        [layers, B, T, kv_heads, head_dim]. The cache is only read here, and only its first
+        `cache_len` positions when that is given (a static bound on every row's position)."""
         edge = ("batch", "seq", "embed")
         x = self.sharder.constrain(embed_rows(self.embed_tokens, tokens, self.dtype), edge)
         rope = rope_tables(positions, inverse_frequencies(self.cfg))
@@ -164,6 +165,8 @@ class Llama(nnx.Module):
 
         def layer_step(x, per_layer):
             layer_params, layer_cache = per_layer
+            if layer_cache is not None and cache_len:
+                layer_cache = LayerKV(layer_cache.k[:, :cache_len], layer_cache.v[:, :cache_len])
             x, kv = nnx.merge(graphdef, layer_params)(x, positions, rope, layer_cache)
             return self.sharder.constrain(x, edge), kv
 

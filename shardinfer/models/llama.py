@@ -76,19 +76,21 @@ class Attention(nnx.Module):
         groups = hq // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, d) * (d**-0.5)
         # Scores [B, kv_heads, groups, T, S]; softmax in float32 whatever the compute dtype.
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+        f32 = jnp.float32
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=f32)
         allowed = _visible(positions[:, :, None], positions[:, None, :], cfg.sliding_window)
         scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
         values = v
         if cache is not None:
-            cached = jnp.einsum("btkgd,bskd->bkgts", q, cache.k).astype(jnp.float32)
+            cached = jnp.einsum("btkgd,bskd->bkgts", q, cache.k, preferred_element_type=f32)
             slot_pos = jnp.arange(cache.k.shape[1])[None, None, :]
             seen = slot_pos < positions[:, :1, None]  # only what earlier steps wrote
             seen &= _visible(positions[:, :, None], slot_pos, cfg.sliding_window)
             scores = jnp.concatenate([jnp.where(seen[:, None, None], cached, NEG_INF), scores], -1)
             values = jnp.concatenate([cache.v, v], axis=1)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, hq, d)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values, preferred_element_type=f32)
+        out = out.astype(v.dtype).reshape(b, t, hq, d)
         out = dense("bthd,hde->bte", out, self.o_proj)
         if cfg.o_bias:
             out = out + self.o_bias[...]
@@ -176,5 +178,5 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, T, E] -> float32 logits [B, T, vocab], against the (vocab, embed) table."""
         table = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
-        logits = dense("bte,ve->btv", hidden, table)
-        return self.sharder.constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        logits = dense("bte,ve->btv", hidden, table, out_dtype=jnp.float32)
+        return self.sharder.constrain(logits, ("batch", "seq", "vocab"))

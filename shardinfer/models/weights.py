@@ -66,13 +66,17 @@ def weight(
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
-def dense(spec: str, x: jax.Array, w) -> jax.Array:
+def dense(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
     """einsum(spec, x, w) for a plain or an int8 weight (the output's last axes are w's kept
-    axes, in order, which the scale broadcasts against)."""
+    axes, in order, which the scale broadcasts against).
+
+    Products accumulate in float32 whatever the compute dtype (XLA:CPU would otherwise sum
+    bfloat16 in bfloat16, and greedy text drifts from float32 within a few tokens)."""
     if isinstance(w, Int8Weight):
-        y = jnp.einsum(spec, x, w.q[...].astype(x.dtype))
-        return y * w.scale[...].astype(y.dtype)
-    return jnp.einsum(spec, x, w[...])
+        y = jnp.einsum(spec, x, w.q[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * w.scale[...]).astype(out_dtype or x.dtype)
+    y = jnp.einsum(spec, x, w[...], preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
 
 
 def embed_rows(w, tokens: jax.Array, dtype) -> jax.Array:

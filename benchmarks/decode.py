@@ -65,6 +65,23 @@ def other_load(start: tuple[float, float, float]) -> float:
     return ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
 
 
+def hf_generate(hf: Any, prompt: list[int], batch: int, n: int) -> list[list[int]]:
+    """Exactly n greedy tokens for `batch` copies of the prompt with transformers."""
+    import torch
+
+    input_ids = torch.tensor([prompt] * batch)
+    with torch.inference_mode():
+        out = hf.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,  # no early stop at EOS, like ignore_eos
+            pad_token_id=hf.config.eos_token_id,
+        )
+    return out[:, len(prompt) :].tolist()
+
+
 def measure(run: Callable[[int], list[list[int]]], batch: int, n: int, repeats: int) -> dict:
     """Times run(max_new_tokens) for 1 and n tokens; the first call (compile) is kept apart.
 
@@ -119,19 +136,9 @@ def bench_hf(path: Path, ids: list[int], args: argparse.Namespace) -> tuple[list
     nbytes = sum(p.nbytes for p in hf.parameters())  # parameters() yields a tied weight once
     results = []
     for batch in args.batch_sizes:
-        input_ids = torch.tensor([ids] * batch)
 
-        def run(n: int, input_ids: torch.Tensor = input_ids) -> list[list[int]]:
-            with torch.inference_mode():
-                out = hf.generate(
-                    input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    do_sample=False,
-                    max_new_tokens=n,
-                    min_new_tokens=n,  # no early stop at EOS, like ignore_eos
-                    pad_token_id=hf.config.eos_token_id,
-                )
-            return out[:, input_ids.shape[1] :].tolist()
+        def run(n: int, batch: int = batch) -> list[list[int]]:
+            return hf_generate(hf, ids, batch, n)
 
         results.append(measure(run, batch, args.new_tokens, args.repeats))
         print(f"hf batch {batch}: {results[-1]['decode_tok_s']:.1f} tok/s", flush=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 # benchmarks/ is not a package; run as a script, this file's directory is on sys.path.
-from decode import MODEL, PROMPT, git_revision, machine_info, measure, timed
+from decode import MODEL, PROMPT, git_revision, hf_generate, machine_info, measure, timed
 
 SHARDINFER_DTYPES = ("float32", "bfloat16", "int8")  # int8: int8 weights, float32 activations
 HF_DTYPES = ("float32", "bfloat16")
@@ -149,17 +149,7 @@ def bench_hf(dtype: str, ids: list[int], args: argparse.Namespace) -> Row:
     )
 
     def generate(prompt: list[int], batch: int, n: int) -> list[list[int]]:
-        input_ids = torch.tensor([prompt] * batch)
-        with torch.inference_mode():
-            out = hf.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=False,
-                max_new_tokens=n,
-                min_new_tokens=n,  # no early stop at EOS, like ignore_eos
-                pad_token_id=hf.config.eos_token_id,
-            )
-        return out[:, len(prompt) :].tolist()
+        return hf_generate(hf, prompt, batch, n)
 
     row: Row = {"engine": "hf", "dtype": dtype, "load_s": load_s, "decode": []}
     row["weight_bytes"] = sum(p.nbytes for p in hf.parameters())  # a tied weight counts once

@@ -176,15 +176,18 @@ def _serve(args: argparse.Namespace) -> None:
 
     import shardinfer as si
     from shardinfer.serving.async_engine import AsyncEngine
-    from shardinfer.serving.http import create_app
+    from shardinfer.serving.http import DrainingServer, create_app
 
     model = si.load_model(args.model, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize)
     _print_sharding(model)
     llm = si.LLM(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
     engine = AsyncEngine(llm)
     app = create_app(engine, args.model, api_key=args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = DrainingServer(config, app, engine)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server.run()
     finally:
         engine.stop()
 

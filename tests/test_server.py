@@ -213,3 +213,49 @@ def test_api_key_is_required_when_set(server):
         right = openai.OpenAI(base_url=base + "/v1", api_key="sekret", max_retries=0)
         assert [m.id for m in right.models.list()] == [MODEL]
         assert json.loads(urllib.request.urlopen(base + "/health").read())["status"] == "ok"
+
+
+def test_sigterm_drains_then_exits_zero(tiny_llama):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardinfer.cli", "serve", "--model", str(tiny_llama),
+         "--port", str(port), "--max-seq-len", "512", "--compilation-cache", "none"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health")
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "server did not start"
+                time.sleep(0.2)
+        body = {"model": str(tiny_llama), "prompt": [1, 2, 3], "max_tokens": 300,
+                "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
+        stream = urllib.request.urlopen(urllib.request.Request(
+            base + "/v1/completions", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        ))  # fmt: skip
+        proc.send_signal(signal.SIGTERM)  # while the request is in flight
+        time.sleep(0.3)
+        code, reply = _post(base, "/v1/completions", json.dumps(body).encode())
+        assert code == 503 and "shutting down" in reply["error"]["message"]
+        events = stream.read().decode().strip().split("\n\n")
+        assert events[-1] == "data: [DONE]"  # the request in flight finished
+        final = json.loads(events[-2][len("data: ") :])
+        assert final["usage"]["completion_tokens"] == 300
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

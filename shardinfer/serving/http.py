@@ -8,11 +8,13 @@ client's faults, and one bad request never disturbs the others in flight.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -36,6 +38,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: Literal[1] = 1
+    ignore_eos: bool = False  # vLLM's extension: keep going past the end-of-text token
 
 
 class CompletionBody(_Sampling):
@@ -64,6 +67,7 @@ def create_app(
     api_key: str | None = None,
 ) -> FastAPI:
     app = FastAPI(title="shardinfer", docs_url=None, redoc_url=None)
+    app.state.draining = False  # set on SIGTERM: finish what is in flight, refuse the rest
     tokenizer = engine.llm.tokenizer
 
     @app.exception_handler(RequestValidationError)
@@ -75,6 +79,8 @@ def create_app(
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
+        if app.state.draining and request.url.path.startswith("/v1/"):
+            return _error(503, "the server is shutting down", "service_unavailable")
         authorized = request.headers.get("authorization") == f"Bearer {api_key}"
         if api_key and request.url.path.startswith("/v1/") and not authorized:
             return _error(401, "missing or wrong API key", "authentication_error")
@@ -108,6 +114,7 @@ def create_app(
             top_k=body.top_k,
             seed=body.seed,
             stop=tuple(stop),
+            ignore_eos=body.ignore_eos,
         )
 
     def _start(body: _Sampling, prompt_ids: list[int], max_tokens: int | None) -> Handle:
@@ -125,6 +132,8 @@ def create_app(
     async def completions(body: CompletionBody):
         prompt = body.prompt
         if isinstance(prompt, str):
+            if tokenizer is None:
+                return _error(400, "this model has no tokenizer: send the prompt as token ids")
             if not prompt:
                 return _error(400, "prompt is empty")
             prompt = tokenizer.encode(prompt)
@@ -132,6 +141,8 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
+        if tokenizer is None:
+            return _error(400, "this model has no tokenizer, so no chat template")
         messages = [m.model_dump() for m in body.messages]
         text = tokenizer.apply_chat_template(messages)
         prompt = tokenizer.encode(text, add_special_tokens=False)
@@ -225,3 +236,26 @@ def _final(rid, model, kind, text, last: Event, prompt_tokens: int) -> dict[str,
         "choices": [choice],
         "usage": _usage(prompt_tokens, len(last.token_ids)),
     }
+
+
+class DrainingServer(uvicorn.Server):
+    """Drains on SIGTERM/SIGINT: new /v1 requests get 503 while the ones in flight finish, then
+    the server shuts down (exit status 0). A second signal stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, engine: AsyncEngine):
+        super().__init__(config)
+        self.app_, self.engine = app, engine
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.app_.state.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.app_.state.draining = True
+        threading.Thread(target=self._exit_when_idle, args=(sig,), daemon=True).start()
+
+    def _exit_when_idle(self, sig) -> None:
+        while self.engine.busy():
+            time.sleep(0.05)
+        # Not super().handle_exit: uvicorn would re-raise the signal after shutting down, and
+        # a drained server should exit 0.
+        self.should_exit = True

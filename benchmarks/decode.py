@@ -29,12 +29,17 @@ MODEL = "smollm2-135m-instruct"
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark script here shares."""
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated, e.g. 1,8,32")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point; medians")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers reference")
     p.add_argument("--mesh", default=None, help="mesh spec for load_model, e.g. data=2,model=4")
     p.add_argument("--host-devices", type=int, default=None, help="fake CPU devices for --mesh")

@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 # benchmarks/ is not a package; run as a script, this file's directory is on sys.path.
-from decode import MODEL, PROMPT, git_revision, hf_generate, machine_info, measure, timed
+from decode import (
+    MODEL,
+    PROMPT,
+    add_common_args,
+    git_revision,
+    hf_generate,
+    machine_info,
+    measure,
+    timed,
+)
 
 SHARDINFER_DTYPES = ("float32", "bfloat16", "int8")  # int8: int8 weights, float32 activations
 HF_DTYPES = ("float32", "bfloat16")
@@ -39,10 +48,7 @@ Row = dict[str, Any]
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated, e.g. 1,8,32")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per point; medians")
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    add_common_args(p)
     p.add_argument("--render", type=Path, help="only rewrite .md and .png from this JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "llama.cpp" or a mesh, in a subprocess
     args = p.parse_args()

@@ -1,4 +1,4 @@
-"""The device side of generation: prefill one request, insert it into a slot, decode all slots.
+"""The device side of generation: prefill requests, insert them into slots, decode all slots.
 
 The shapes of every jitted call come from a small fixed set (the slot count, and one prompt
 bucket per power of two up to max_seq_len), so a steady workload compiles nothing after warm-up.

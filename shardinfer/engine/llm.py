@@ -92,13 +92,13 @@ class LLM:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one prompt, as they are produced."""
         self._require_tokenizer()
-        (request,) = self._requests(self._prompt_ids([prompt]), params)
+        request = self.new_request(prompt, params)
         for _ in self._run([request]):
             delta = request.take_delta()
             if delta:
                 yield delta
 
-    def new_request(self, prompt: Prompt, params: SamplingParams) -> Request:
+    def new_request(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
         """A validated request (ValueError otherwise), not yet queued: for front ends that
         drive the scheduler themselves, such as the HTTP server's engine thread."""
         (request,) = self._requests(self._prompt_ids([prompt]), params)

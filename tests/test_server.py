@@ -26,10 +26,10 @@ def server():
     mesh = si.make_mesh("data=1", devices=jax.devices()[:1])
     llm = si.LLM(MODEL, mesh=mesh, max_batch=4, max_seq_len=256)
     # The reference, before the engine thread takes the LLM over (one owner at a time).
-    llm.expected_chat = llm.chat(CHAT, si.SamplingParams(max_tokens=24, temperature=0.0))[0]
+    expected_chat = llm.chat(CHAT, si.SamplingParams(max_tokens=24, temperature=0.0))[0]
     engine = AsyncEngine(llm, max_waiting=64)
     with _serving(create_app(engine, MODEL)) as base:
-        yield llm, engine, base
+        yield llm, engine, base, expected_chat
     engine.stop()
 
 
@@ -55,10 +55,10 @@ def client(server):
 
 
 def test_chat_completion_equals_llm_chat(server, client):
-    llm = server[0]
+    expected = server[3]  # llm.chat's greedy answer, taken before the engine thread started
     reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24,
                                            temperature=0)  # fmt: skip
-    assert reply.choices[0].message.content == llm.expected_chat.text
+    assert reply.choices[0].message.content == expected.text
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 20
@@ -131,7 +131,7 @@ def test_wrong_content_type(server):
 
 
 def test_disconnect_frees_the_slot(server):
-    llm, engine, base = server
+    llm, engine, base, _ = server
     body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200,
                        "stream": True, "temperature": 0}).encode()  # fmt: skip
     request = urllib.request.Request(base + "/v1/completions", data=body,
@@ -149,7 +149,7 @@ def test_disconnect_frees_the_slot(server):
 def test_48_concurrent_streams_all_complete(server):
     import asyncio
 
-    llm, engine, base = server
+    llm, engine, base, _ = server
     before = llm.metrics.requests_finished
     prompts = [f"Count to {i}:" for i in range(48)]
 

@@ -65,11 +65,10 @@ def test_fallback_is_logged_once(tiny_llama, caplog):
 def test_kv_cache_spec():
     cfg = si.ModelConfig("llama", 256, 64, 128, 2, num_heads=8, num_kv_heads=4, head_dim=8)
     sharder = sharding.Sharder(si.make_mesh("data=2,model=4"), si.ShardingRules.load())
-    assert cache_shardings(cfg, sharder, batch=4, max_len=32).k.spec == P(
-        None, "data", None, "model"
-    )
+    # [layers, batch, kv_heads, seq, head_dim]
+    assert cache_shardings(cfg, sharder, batch=4, max_len=32).k.spec == P(None, "data", "model")
     # 3 rows do not divide data=2: the batch falls back to replicated rather than failing.
-    assert cache_shardings(cfg, sharder, batch=3, max_len=32).v.spec == P(None, None, None, "model")
+    assert cache_shardings(cfg, sharder, batch=3, max_len=32).v.spec == P(None, None, "model")
 
 
 def test_rules_refuse_two_dims_on_one_axis():

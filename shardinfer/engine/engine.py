@@ -52,12 +52,12 @@ def decode_logits(graphdef, state, cache: KVCache, tokens, positions, cache_len:
 
 
 def insert(cache: KVCache, new_kv: KVCache, slots) -> KVCache:
-    """Copies prefilled k/v [layers, R, T, ...] row r into cache row slots[r], positions
-    0..T-1. A slot index past the end (a padding row) is dropped."""
-    width = new_kv.k.shape[2]
+    """Copies prefilled k/v [layers, R, kv_heads, T, D] row r into cache row slots[r],
+    positions 0..T-1. A slot index past the end (a padding row) is dropped."""
+    width = new_kv.k.shape[3]
     return LayerKV(
-        cache.k.at[:, slots, :width].set(new_kv.k.astype(cache.k.dtype), mode="drop"),
-        cache.v.at[:, slots, :width].set(new_kv.v.astype(cache.v.dtype), mode="drop"),
+        cache.k.at[:, slots, :, :width].set(new_kv.k.astype(cache.k.dtype), mode="drop"),
+        cache.v.at[:, slots, :, :width].set(new_kv.v.astype(cache.v.dtype), mode="drop"),
     )
 
 

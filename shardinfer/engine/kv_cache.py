@@ -11,13 +11,13 @@ from shardinfer.config import ModelConfig
 from shardinfer.models.llama import LayerKV
 from shardinfer.sharding import Sharder
 
-KVCache = LayerKV  # k, v: [layers, batch, max_seq_len, kv_heads, head_dim]
+KVCache = LayerKV  # k, v: [layers, batch, kv_heads, max_seq_len, head_dim]
 
-CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
-    return (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
 
 
 def cache_shardings(cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int) -> LayerKV:
@@ -37,10 +37,13 @@ def init_cache(cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int, dty
 
 
 def write_at(cache: KVCache, new: KVCache, positions: jax.Array) -> KVCache:
-    """Decode: row b's new k/v [layers, B, 1, ...] goes to position positions[b], once per
+    """Decode: row b's new k/v [layers, B, kv_heads, 1, D] goes to position positions[b], once per
     step after all layers ran (the layers only read the cache)."""
     rows = jnp.arange(positions.shape[0])
-    return LayerKV(
-        cache.k.at[:, rows, positions].set(new.k[:, :, 0].astype(cache.k.dtype)),
-        cache.v.at[:, rows, positions].set(new.v[:, :, 0].astype(cache.v.dtype)),
-    )
+
+    def put(stored, fresh):
+        # Two index arrays split by a slice: numpy rules put their axis first, [B, layers, ...].
+        update = fresh[:, :, :, 0].transpose(1, 0, 2, 3).astype(stored.dtype)
+        return stored.at[:, rows, :, positions].set(update)
+
+    return LayerKV(put(cache.k, new.k), put(cache.v, new.v))

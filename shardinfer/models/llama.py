@@ -7,6 +7,7 @@ the engine writes them into the cache it owns.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -15,15 +16,15 @@ from flax import nnx
 
 from shardinfer.config import ModelConfig
 from shardinfer.models.rope import apply_rope, inverse_frequencies, rope_tables
-from shardinfer.models.weights import dense, embed_rows, stacked, weight
+from shardinfer.models.weights import dense, dense_transposed, embed_rows, stacked, weight
 from shardinfer.sharding import Sharder
 
 NEG_INF = -1e30
 
 
 class LayerKV(NamedTuple):
-    k: jax.Array  # [layers, batch, seq, kv_heads, head_dim]; inside a layer, no `layers` axis
-    v: jax.Array  # [layers, batch, seq, kv_heads, head_dim]
+    k: jax.Array  # [layers, batch, kv_heads, seq, head_dim]; inside a layer, no `layers` axis
+    v: jax.Array  # [layers, batch, kv_heads, seq, head_dim]
 
 
 def _zeros(shape, axes, dtype, layers: int | None) -> nnx.Param:
@@ -63,35 +64,46 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, rope, cache: LayerKV | None):
         """x [B, T, E]. Without a cache: causal attention among these T tokens. With a cache
-        (decode): each row attends its cached keys before positions[:, 0], then itself."""
+        (decode): each row attends its cached keys before positions[:, 0], then itself.
+        Returns the output and this step's k/v, heads-major [B, kv_heads, T, head_dim] like
+        the cache (so attention reads the cache as stored, without a transposed copy)."""
         cfg = self.cfg
-        q = dense("bte,ehd->bthd", x, self.q_proj)
-        k = dense("bte,ehd->bthd", x, self.k_proj)
-        v = dense("bte,ehd->bthd", x, self.v_proj)
+        q = dense(x, self.q_proj)
+        k = dense(x, self.k_proj)
+        v = dense(x, self.v_proj)
         if cfg.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
         b, t, hq, d = q.shape
         groups = hq // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, d) * (d**-0.5)
-        # Scores [B, kv_heads, groups, T, S]; softmax in float32 whatever the compute dtype.
+        # Scores [B, kv_heads, groups, T, S] and the softmax in float32 whatever the compute
+        # dtype. The cached and the new keys are two score blocks sharing one softmax, rather
+        # than one concatenation (which would copy the whole cache every layer).
         f32 = jnp.float32
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=f32)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=f32)
         allowed = _visible(positions[:, :, None], positions[:, None, :], cfg.sliding_window)
-        scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
-        values = v
+        blocks = [(jnp.where(allowed[:, None, None], scores, NEG_INF), v)]
         if cache is not None:
-            cached = jnp.einsum("btkgd,bskd->bkgts", q, cache.k, preferred_element_type=f32)
-            slot_pos = jnp.arange(cache.k.shape[1])[None, None, :]
+            cached = jnp.einsum("btkgd,bksd->bkgts", q, cache.k, preferred_element_type=f32)
+            slot_pos = jnp.arange(cache.k.shape[2])[None, None, :]
             seen = slot_pos < positions[:, :1, None]  # only what earlier steps wrote
             seen &= _visible(positions[:, :, None], slot_pos, cfg.sliding_window)
-            scores = jnp.concatenate([jnp.where(seen[:, None, None], cached, NEG_INF), scores], -1)
-            values = jnp.concatenate([cache.v, v], axis=1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values, preferred_element_type=f32)
-        out = out.astype(v.dtype).reshape(b, t, hq, d)
-        out = dense("bthd,hde->bte", out, self.o_proj)
+            blocks.append((jnp.where(seen[:, None, None], cached, NEG_INF), cache.v))
+        top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s, _ in blocks])
+        exps = [jnp.exp(block_scores - top) for block_scores, _ in blocks]
+        total = sum(p.sum(-1, keepdims=True) for p in exps)
+        # Normalized before the cast to the compute dtype, as a plain softmax would be.
+        out = sum(
+            jnp.einsum("bkgts,bksd->bkgtd", (p / total).astype(v.dtype), values,
+                       preferred_element_type=f32)
+            for p, (_, values) in zip(exps, blocks, strict=True)
+        )  # fmt: skip
+        out = out.astype(v.dtype)  # [B, kv, groups, T, D]
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+        out = dense(out, self.o_proj, contract=2)
         if cfg.o_bias:
             out = out + self.o_bias[...]
         return out, LayerKV(k, v)
@@ -113,9 +125,8 @@ class MLP(nnx.Module):
         self.down_proj = weight(rngs, (m, e), ("mlp", "embed"), (0,), *common)
 
     def __call__(self, x):
-        gate = dense("bte,em->btm", x, self.gate_proj)
-        up = dense("bte,em->btm", x, self.up_proj)
-        return dense("btm,me->bte", jax.nn.silu(gate) * up, self.down_proj)
+        gate, up = dense(x, self.gate_proj), dense(x, self.up_proj)
+        return dense(jax.nn.silu(gate) * up, self.down_proj)
 
 
 class Block(nnx.Module):
@@ -158,7 +169,7 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, positions, cache: LayerKV | None = None, cache_len: int = 0):
         """tokens, positions [B, T] -> final hidden states [B, T, E] and every layer's new k/v
-        [layers, B, T, kv_heads, head_dim]. The cache is only read here, and only its first
+        [layers, B, kv_heads, T, head_dim]. The cache is only read here, and only its first
         `cache_len` positions when that is given (a static bound on every row's position)."""
         edge = ("batch", "seq", "embed")
         x = self.sharder.constrain(embed_rows(self.embed_tokens, tokens, self.dtype), edge)
@@ -168,7 +179,9 @@ class Llama(nnx.Module):
         def layer_step(x, per_layer):
             layer_params, layer_cache = per_layer
             if layer_cache is not None and cache_len:
-                layer_cache = LayerKV(layer_cache.k[:, :cache_len], layer_cache.v[:, :cache_len])
+                layer_cache = LayerKV(
+                    layer_cache.k[:, :, :cache_len], layer_cache.v[:, :, :cache_len]
+                )
             x, kv = nnx.merge(graphdef, layer_params)(x, positions, rope, layer_cache)
             return self.sharder.constrain(x, edge), kv
 
@@ -178,5 +191,5 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, T, E] -> float32 logits [B, T, vocab], against the (vocab, embed) table."""
         table = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
-        logits = dense("bte,ve->btv", hidden, table, out_dtype=jnp.float32)
+        logits = dense_transposed(hidden, table, out_dtype=jnp.float32)
         return self.sharder.constrain(logits, ("batch", "seq", "vocab"))

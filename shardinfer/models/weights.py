@@ -7,6 +7,8 @@ upcasts them inside the fused dot and scales the (much smaller) output.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,16 +68,33 @@ def weight(
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
-def dense(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
-    """einsum(spec, x, w) for a plain or an int8 weight (the output's last axes are w's kept
-    axes, in order, which the scale broadcasts against).
+def dense(x: jax.Array, w, contract: int = 1, out_dtype=None) -> jax.Array:
+    """x [..., *K] @ w [*K, *N] -> [..., *N], where K is w's first `contract` axes: one 2-D
+    matmul over the flattened K and N (a plain or an int8 weight).
 
-    Products accumulate in float32 whatever the compute dtype (XLA:CPU would otherwise sum
-    bfloat16 in bfloat16, and greedy text drifts from float32 within a few tokens)."""
+    Flattening is a free reshape of row-major arrays; an einsum over several axes instead let
+    XLA:CPU transpose whole weights (o_proj) every step. Products accumulate in float32 whatever
+    the compute dtype (XLA:CPU would otherwise sum bfloat16 in bfloat16, and greedy text drifts
+    from float32 within a few tokens)."""
+    values = w.q[...] if isinstance(w, Int8Weight) else w[...]
+    k_shape, n_shape = values.shape[:contract], values.shape[contract:]
+    lead = x.shape[: x.ndim - contract]
+    x2 = x.reshape(*lead, math.prod(k_shape))
+    w2 = values.reshape(math.prod(k_shape), math.prod(n_shape)).astype(x.dtype)
+    y = jnp.dot(x2, w2, preferred_element_type=jnp.float32)
     if isinstance(w, Int8Weight):
-        y = jnp.einsum(spec, x, w.q[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        y = y * w.scale[...].reshape(-1)
+    return y.astype(out_dtype or x.dtype).reshape(*lead, *n_shape)
+
+
+def dense_transposed(x: jax.Array, w, out_dtype=None) -> jax.Array:
+    """x [..., E] against a (rows, E) table -> [..., rows]: the tied or untied lm_head."""
+    if isinstance(w, Int8Weight):
+        y = jnp.einsum(
+            "...e,ve->...v", x, w.q[...].astype(x.dtype), preferred_element_type=jnp.float32
+        )
         return (y * w.scale[...]).astype(out_dtype or x.dtype)
-    y = jnp.einsum(spec, x, w[...], preferred_element_type=jnp.float32)
+    y = jnp.einsum("...e,ve->...v", x, w[...], preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
 
 

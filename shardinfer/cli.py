@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--host-devices", type=int, default=None, help="simulate N CPU devices")
         cmd.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
         cmd.add_argument("--quantize", default=None, choices=["int8"], help="weight quantization")
+        cmd.add_argument(
+            "--layer-loop",
+            default=None,
+            choices=["scan", "unrolled"],
+            help="how layers run (default: unrolled on CPU, scan elsewhere)",
+        )
         cmd.add_argument("-v", "--verbose", action="store_true", help="log sharding decisions")
         cmd.add_argument(
             "--compilation-cache",
@@ -114,7 +120,13 @@ def _generate(args: argparse.Namespace) -> None:
     from shardinfer.engine.metrics import compilations, compile_seconds
 
     started = time.perf_counter()
-    model = si.load_model(args.model, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize)
+    model = si.load_model(
+        args.model,
+        mesh=args.mesh,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        layer_loop=args.layer_loop,
+    )
     print(f"loaded {args.model} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     _print_sharding(model)
     cache = None if args.compilation_cache.lower() == "none" else args.compilation_cache
@@ -157,7 +169,13 @@ def _bench(args: argparse.Namespace) -> None:
     import shardinfer as si
     from shardinfer.serving.bench import format_report, run_bench
 
-    model = si.load_model(args.model, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize)
+    model = si.load_model(
+        args.model,
+        mesh=args.mesh,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        layer_loop=args.layer_loop,
+    )
     _print_sharding(model)
     result = run_bench(
         model,
@@ -178,7 +196,13 @@ def _serve(args: argparse.Namespace) -> None:
     from shardinfer.serving.async_engine import AsyncEngine
     from shardinfer.serving.http import DrainingServer, create_app
 
-    model = si.load_model(args.model, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize)
+    model = si.load_model(
+        args.model,
+        mesh=args.mesh,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        layer_loop=args.layer_loop,
+    )
     _print_sharding(model)
     llm = si.LLM(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
     engine = AsyncEngine(llm)
@@ -195,7 +219,9 @@ def _serve(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     import shardinfer as si
 
-    model = si.load_model(args.source, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize)
+    model = si.load_model(
+        args.source, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize, layer_loop="scan"
+    )
     model.save(args.dest)
     print(f"saved {args.source} ({model.num_params():,} parameters, {model.dtype}) to {args.dest}")
 

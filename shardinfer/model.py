@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 
 from shardinfer.config import ModelConfig
 from shardinfer.mesh import MeshSpec, make_mesh
-from shardinfer.models.llama import Llama
+from shardinfer.models.layer_forms import convert_layers
+from shardinfer.models.llama import LAYER_LOOPS, Llama
 from shardinfer.models.weights import QUANTIZE_MODES
 from shardinfer.sharding import Sharder, ShardingRules
 from shardinfer.weights.gguf_file import GGUFFile
@@ -49,6 +50,16 @@ def resolve_dtype(dtype: Any, platform: str) -> jnp.dtype:
     return resolved
 
 
+def resolve_layer_loop(layer_loop: str | None, platform: str) -> str:
+    """None picks the unrolled loop on CPU (XLA:CPU copies a stacked layer's weights out every
+    step), lax.scan elsewhere (flat compile time, and no such copy)."""
+    if layer_loop is None:
+        return "unrolled" if platform == "cpu" else "scan"
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"unknown layer_loop {layer_loop!r}; use one of {LAYER_LOOPS}")
+    return layer_loop
+
+
 def as_mesh(mesh: Mesh | MeshSpec) -> Mesh:
     return mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
 
@@ -64,6 +75,7 @@ class Model:
     tokenizer: Tokenizer | None = None
     source: str = ""
     quantize: str | None = None  # None or "int8" (per-channel weights, see models/weights.py)
+    layer_loop: str = "scan"  # how the layers run, and the form `state` holds them in
 
     def __post_init__(self) -> None:
         self._logits_fn = jax.jit(partial(_full_logits, self.graphdef))
@@ -103,9 +115,10 @@ class Model:
     def save(self, path: str | Path) -> None:
         """A sharded Orbax checkpoint (+ config and tokenizer); `load_model(path, mesh=...)`
         restores it onto any mesh."""
-        save_checkpoint(
-            Path(path), self.config, self.state, self.dtype, self.tokenizer, self.quantize
-        )
+        # Always the stacked form on disk (models/layer_forms.py).
+        _, stacked = abstract_model(self.config, self.sharder, self.dtype, self.quantize, "scan")
+        state = convert_layers(self.state, stacked, param_shardings(stacked, self.sharder))
+        save_checkpoint(Path(path), self.config, state, self.dtype, self.tokenizer, self.quantize)
 
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state))
@@ -140,12 +153,16 @@ def _full_logits(graphdef, state, tokens):
 
 
 def abstract_model(
-    config: ModelConfig, sharder: Sharder, dtype, quantize: str | None = None
+    config: ModelConfig,
+    sharder: Sharder,
+    dtype,
+    quantize: str | None = None,
+    layer_loop: str = "scan",
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """Shapes, dtypes and logical axes of every parameter; no memory is allocated."""
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8")
-    abstract = nnx.eval_shape(lambda: Llama(config, sharder, dtype, None, quantize))
+    abstract = nnx.eval_shape(lambda: Llama(config, sharder, dtype, None, quantize, layer_loop))
     return nnx.split(abstract)
 
 
@@ -155,19 +172,22 @@ def init_random_model(
     dtype=None,
     seed: int = 0,
     quantize: str | None = None,
+    layer_loop: str | None = None,
 ) -> Model:
     """Random weights created in place on their shards (for benchmarks of untrained configs)."""
     mesh = as_mesh(mesh)
-    dtype = resolve_dtype(dtype, mesh.devices.flat[0].platform)
+    platform = mesh.devices.flat[0].platform
+    dtype, loop = resolve_dtype(dtype, platform), resolve_layer_loop(layer_loop, platform)
     sharder = Sharder(mesh, ShardingRules.load())
-    graphdef, abstract = abstract_model(config, sharder, dtype, quantize)
+    graphdef, abstract = abstract_model(config, sharder, dtype, quantize, loop)
     shardings = param_shardings(abstract, sharder)
 
     @partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.split(Llama(config, sharder, dtype, nnx.Rngs(seed), quantize))[1]
+        return nnx.split(Llama(config, sharder, dtype, nnx.Rngs(seed), quantize, loop))[1]
 
-    return Model(config, mesh, sharder, graphdef, init(), dtype, None, "random", quantize)
+    state = init()
+    return Model(config, mesh, sharder, graphdef, state, dtype, None, "random", quantize, loop)
 
 
 def load_model(
@@ -176,11 +196,14 @@ def load_model(
     dtype: Any = None,
     rules: ShardingRules | None = None,
     quantize: str | None = None,
+    layer_loop: str | None = None,
 ) -> Model:
     """Loads a registry name, a shardinfer checkpoint, a Hugging Face directory or a .gguf file
-    straight into the shards of `mesh`."""
+    straight into the shards of `mesh`. `layer_loop` ("scan" or "unrolled") is picked for the
+    platform when None."""
     mesh = as_mesh(mesh)
-    dtype = resolve_dtype(dtype, mesh.devices.flat[0].platform)
+    platform = mesh.devices.flat[0].platform
+    dtype, loop = resolve_dtype(dtype, platform), resolve_layer_loop(layer_loop, platform)
     sharder = Sharder(mesh, rules or ShardingRules.load())
     path = resolve_registry_name(str(source)) or Path(source)
     if path.is_dir() and is_checkpoint(path):
@@ -190,11 +213,13 @@ def load_model(
                 f"{path} stores quantize={stored!r} weights; load it without quantize=, or "
                 f"convert the original checkpoint with quantize={quantize!r}"
             )
-        graphdef, abstract = abstract_model(config, sharder, dtype, stored)
-        state = restore_params(path, abstract, param_shardings(abstract, sharder))
+        _, on_disk = abstract_model(config, sharder, dtype, stored, "scan")
+        state = restore_params(path, on_disk, param_shardings(on_disk, sharder))
+        graphdef, abstract = abstract_model(config, sharder, dtype, stored, loop)
+        state = convert_layers(state, abstract, param_shardings(abstract, sharder))
         tokenizer = Tokenizer.from_hf_dir(path)
         src = str(source)
-        return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, src, stored)
+        return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, src, stored, loop)
     if path.is_dir() and (path / "config.json").is_file():
         config = read_hf_config(path)
         tensors, tokenizer = SafetensorsDirectory(path), Tokenizer.from_hf_dir(path)
@@ -206,7 +231,9 @@ def load_model(
             f"cannot load {str(source)!r}: not a registry name ({', '.join(registry_names())}), "
             "a shardinfer checkpoint, a Hugging Face directory with config.json, or a .gguf file"
         )
-    graphdef, abstract = abstract_model(config, sharder, dtype, quantize)
+    graphdef, abstract = abstract_model(config, sharder, dtype, quantize, loop)
     state = load_params(abstract, sharder, tensors, config, dtype)
-    log.info("loaded %s: %s, %s, quantize=%s", source, config.architecture, dtype, quantize)
-    return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, str(source), quantize)
+    log.info("loaded %s: %s, %s, quantize=%s, %s layers", source, config.architecture, dtype,
+             quantize, loop)  # fmt: skip
+    src = str(source)
+    return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, src, quantize, loop)

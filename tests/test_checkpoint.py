@@ -14,20 +14,27 @@ TOKENS = np.arange(24, dtype=np.int32).reshape(2, 12)
 @pytest.fixture(scope="module")
 def saved(tiny_llama, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    model = si.load_model(tiny_llama, mesh="data=8")
+    model = si.load_model(tiny_llama, mesh="data=8", layer_loop="unrolled")
     model.save(path)
     return path, model.logits(TOKENS)
 
 
-@pytest.mark.parametrize("mesh", ["model=8", "data=2,model=4"])
-def test_restore_on_other_meshes(saved, tiny_llama, mesh):
+@pytest.mark.parametrize(
+    "mesh, layer_loop, name, expected",
+    [
+        ("model=8", "scan", "layers.mlp.gate_proj", "P(None, None, 'model')"),
+        ("data=2,model=4", "unrolled", "layers.*.mlp.gate_proj", "P(None, 'model')"),
+    ],
+)
+def test_restore_on_other_meshes(saved, tiny_llama, mesh, layer_loop, name, expected):
+    """Saved from the unrolled (CPU default) form, which is stored stacked; restored in both."""
     path, saved_logits = saved
-    model = si.load_model(path, mesh=mesh)
+    model = si.load_model(path, mesh=mesh, layer_loop=layer_loop)
     assert dict(model.mesh.shape) == dict(si.make_mesh(mesh).shape)
     spec = dict((name, spec) for name, _, spec in model.sharding_table())
-    assert spec["layers.mlp.gate_proj"] == "P(None, None, 'model')"
+    assert spec[name] == expected
     # The same weights: bit for bit what loading the original checkpoint on this mesh gives.
-    direct = si.load_model(tiny_llama, mesh=mesh)
+    direct = si.load_model(tiny_llama, mesh=mesh, layer_loop=layer_loop)
     for (_, a), (_, b) in zip(
         nnx.to_flat_state(model.state), nnx.to_flat_state(direct.state), strict=True
     ):

@@ -32,7 +32,7 @@ def test_generate_on_a_simulated_mesh_then_warm_start(tmp_path):
     assert cold.returncode == 0, cold.stderr
     assert "Paris" in cold.stdout
     assert "Mesh(data=2, model=4) over 8 cpu device(s)" in cold.stderr
-    assert "layers.mlp.gate_proj" in cold.stderr and "P(None, None, 'model')" in cold.stderr
+    assert "layers.*.mlp.gate_proj" in cold.stderr and "P(None, 'model')" in cold.stderr
     assert "tok/s" in cold.stderr
     # A second process finds the big programs in the persistent cache instead of compiling.
     warm = _run(*args)

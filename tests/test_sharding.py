@@ -42,8 +42,8 @@ ALL_PARAMS = {
 
 
 @pytest.mark.parametrize("mesh", list(EXPECTED))
-def test_every_parameter_spec(tiny_llama, mesh):
-    model = si.load_model(tiny_llama, mesh=mesh)
+def test_every_parameter_spec_stacked(tiny_llama, mesh):
+    model = si.load_model(tiny_llama, mesh=mesh, layer_loop="scan")
     table = {name: spec for name, _, spec in model.sharding_table()}
     assert set(table) == ALL_PARAMS
     for name in ALL_PARAMS:
@@ -51,6 +51,22 @@ def test_every_parameter_spec(tiny_llama, mesh):
     down = model.state["layers"]["mlp"]["down_proj"].get_value()
     assert down.shape == (2, 128, 64)  # all layers in one array
     assert down.sharding.spec == EXPECTED[mesh].get("layers.mlp.down_proj", P())
+
+
+@pytest.mark.parametrize("mesh", list(EXPECTED))
+def test_every_parameter_spec_unrolled(tiny_llama, mesh):
+    """One array per layer: the stacked spec without its leading (never split) layers axis."""
+    model = si.load_model(tiny_llama, mesh=mesh, layer_loop="unrolled")
+    table = {name: spec for name, _, spec in model.sharding_table()}
+    per_layer = {name.replace("layers.", "layers.*.") for name in ALL_PARAMS}
+    assert set(table) == per_layer
+    for name in ALL_PARAMS:
+        spec = EXPECTED[mesh].get(name, P())
+        if name.startswith("layers."):
+            spec = P(*spec[1:])
+        assert table[name.replace("layers.", "layers.*.")] == str(spec), name
+    down = model.state["layers"][1]["mlp"]["down_proj"].get_value()
+    assert down.shape == (128, 64)
 
 
 def test_fallback_is_logged_once(tiny_llama, caplog):
@@ -65,7 +81,7 @@ def test_fallback_is_logged_once(tiny_llama, caplog):
 def test_kv_cache_spec():
     cfg = si.ModelConfig("llama", 256, 64, 128, 2, num_heads=8, num_kv_heads=4, head_dim=8)
     sharder = sharding.Sharder(si.make_mesh("data=2,model=4"), si.ShardingRules.load())
-    # [layers, batch, kv_heads, seq, head_dim]
+    # keys [layers, batch, kv_heads, head_dim, seq], values [..., seq, head_dim]
     assert cache_shardings(cfg, sharder, batch=4, max_len=32).k.spec == P(None, "data", "model")
     # 3 rows do not divide data=2: the batch falls back to replicated rather than failing.
     assert cache_shardings(cfg, sharder, batch=3, max_len=32).v.spec == P(None, None, "model")

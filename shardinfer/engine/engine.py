@@ -12,16 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shardinfer.engine.kv_cache import KVCache, init_cache, write_at
+from shardinfer.engine.kv_cache import KVCache, init_cache, insert, resize, write_at
 from shardinfer.engine.sampling import SamplingArrays, sample
 from shardinfer.model import Model
-from shardinfer.models.llama import LayerKV
 
 MIN_BUCKET = 16
 # Requests that arrive together are prefilled together, up to this many rows at a time; a
 # lone request is prefilled alone. Two row counts keep the set of compiled shapes small.
 PREFILL_ROWS = 8
-# The smallest cache length a decode step attends over; larger ones are powers of two.
+# The cache's smallest length; it grows (and shrinks) in powers of two with the furthest
+# position in use, so a decode step attends over the whole array and never slices it (on
+# XLA:CPU a slice of the cache was a copy per layer, ~30% of a batch-32 step).
 DECODE_MIN_CACHE = 128
 
 
@@ -44,21 +45,12 @@ def prefill_logits(graphdef, state, tokens, lengths):
 
 
 def decode_logits(graphdef, state, cache: KVCache, tokens, positions, cache_len: int = 0):
-    """tokens [B] at positions [B] -> logits [B, V] for the token after each; cache updated.
-    With `cache_len`, attention reads only the first cache_len positions (all < cache_len)."""
+    """tokens [B] at positions [B] -> logits [B, V] for the token after each, and this step's
+    k/v (which `write_at` puts into the cache). With `cache_len`, attention reads only the
+    first cache_len positions (all < cache_len)."""
     model = nnx.merge(graphdef, state)
     hidden, new_kv = model(tokens[:, None], positions[:, None], cache, cache_len)
-    return model.logits(hidden)[:, 0], write_at(cache, new_kv, positions)
-
-
-def insert(cache: KVCache, new_kv: KVCache, slots) -> KVCache:
-    """Copies prefilled k/v [layers, R, kv_heads, T, D] row r into cache row slots[r],
-    positions 0..T-1. A slot index past the end (a padding row) is dropped."""
-    width = new_kv.k.shape[3]
-    return LayerKV(
-        cache.k.at[:, slots, :, :width].set(new_kv.k.astype(cache.k.dtype), mode="drop"),
-        cache.v.at[:, slots, :, :width].set(new_kv.v.astype(cache.v.dtype), mode="drop"),
-    )
+    return model.logits(hidden)[:, 0], new_kv
 
 
 class Engine:
@@ -73,13 +65,30 @@ class Engine:
             return sample(logits, lengths, *sampling), kv
 
         def decode(state, cache, tokens, positions, sampling, cache_len):
-            logits, cache = decode_logits(graphdef, state, cache, tokens, positions, cache_len)
-            return sample(logits, positions + 1, *sampling), cache
+            logits, new_kv = decode_logits(graphdef, state, cache, tokens, positions, cache_len)
+            return sample(logits, positions + 1, *sampling), new_kv
 
         self._prefill = jax.jit(prefill)
         self._insert = jax.jit(insert, donate_argnums=(0,))
-        self._decode = jax.jit(decode, donate_argnums=(1,), static_argnums=(5,))
-        self.cache = init_cache(model.config, model.sharder, slots, max_seq_len, model.dtype)
+        # The step reads the cache and a second call writes the new k/v in place: in one
+        # program, XLA:CPU copied the whole (donated) cache twice per step to order the
+        # attention's reads before the in-place write.
+        self._decode = jax.jit(decode, static_argnums=(5,))
+        self._write = jax.jit(write_at, donate_argnums=(0,))
+        self._resize = jax.jit(resize, static_argnums=(1,), donate_argnums=(0,))
+        self.capacity = min(DECODE_MIN_CACHE, max_seq_len)
+        stacked = model.layer_loop == "scan"
+        cfg, sharder = model.config, model.sharder
+        self.cache = init_cache(cfg, sharder, slots, self.capacity, model.dtype, stacked)
+
+    def fit_cache(self, needed: int) -> None:
+        """Resizes the cache to the power-of-two bucket holding `needed` positions (at least
+        DECODE_MIN_CACHE, at most max_seq_len); positions beyond the new length must be unused."""
+        capacity = max(bucket_length(needed, self.max_seq_len),
+                       min(DECODE_MIN_CACHE, self.max_seq_len))  # fmt: skip
+        if capacity != self.capacity:
+            self.cache = self._resize(self.cache, capacity)
+            self.capacity = capacity
 
     @property
     def data_shards(self) -> int:
@@ -100,6 +109,7 @@ class Engine:
         n = len(prompts)
         rows = 1 if n == 1 else self.prefill_rows
         width = bucket_length(max(len(p) for p in prompts), self.max_seq_len)
+        self.fit_cache(max(width, self.capacity))  # `insert` writes `width` positions
         tokens = np.zeros((rows, width), np.int32)
         lengths = np.ones(rows, np.int32)  # padding rows: one dummy token
         for i, prompt in enumerate(prompts):
@@ -111,7 +121,8 @@ class Engine:
 
     def insert(self, kv: KVCache, slots: list[int]) -> None:
         """Row i of a prefill's k/v into cache row slots[i]; rows beyond `slots` are padding."""
-        rows = kv.k.shape[1]
+        values = (kv[0] if isinstance(kv, list) else kv).v  # [(layers,) rows, kv, T, head_dim]
+        rows = values.shape[-4]
         targets = np.full(rows, self.slots, np.int32)  # out of range: dropped
         targets[: len(slots)] = slots
         self.cache = self._insert(self.cache, kv, targets)
@@ -119,23 +130,27 @@ class Engine:
     def decode(self, tokens: np.ndarray, positions: np.ndarray, sampling: SamplingArrays):
         """One step for every slot: tokens/positions [slots] -> next tokens [slots] (host).
 
-        Attention reads the cache only up to a power-of-two bucket above the furthest position
-        (at least DECODE_MIN_CACHE): reading all of max_seq_len every step cost more than the
-        weights at batch 32."""
-        cache_len = max(bucket_length(int(positions.max()) + 1, self.max_seq_len),
-                        min(DECODE_MIN_CACHE, self.max_seq_len))  # fmt: skip
+        The cache first fits the furthest position (`fit_cache`): attention reads all of it,
+        and reading all of max_seq_len every step cost more than the weights at batch 32."""
+        self.fit_cache(int(positions.max()) + 1)
         put = self._put_rows
-        new, self.cache = self._decode(
+        device_positions = put(positions)
+        new, new_kv = self._decode(
             self.model.state,
             self.cache,
             put(tokens),
-            put(positions),
+            device_positions,
             tuple(put(a) for a in sampling.as_tuple()),
-            cache_len,
+            0,
         )
+        self.cache = self._write(self.cache, new_kv, device_positions)
         return np.asarray(new)
 
     def _put_rows(self, array: np.ndarray) -> jax.Array:
-        """A host array whose first axis is the slots, placed with rows split over `data`."""
+        """A host array whose first axis is the slots, placed with rows split over `data`.
+
+        Copied first: on CPU the device array may share the numpy buffer, and the scheduler
+        updates its arrays in place while the cache write of this step can still be running."""
         axes = ("batch",) + (None,) * (array.ndim - 1)
-        return jax.device_put(array, self.model.sharder.sharding(axes, array.shape))
+        sharding = self.model.sharder.sharding(axes, array.shape)
+        return jax.device_put(np.array(array, copy=True), sharding)

@@ -1,4 +1,11 @@
-"""The KV cache: an explicit pytree (k and v for all layers), passed into and out of each step."""
+"""The KV cache: an explicit pytree passed into and out of each step.
+
+Its form follows the model's layer loop: "scan" keeps one LayerKV whose arrays carry a leading
+layers axis; "unrolled" keeps a list of per-layer LayerKVs (on XLA:CPU even a static slice of
+one layer out of a stacked array is a copy). Keys are [..., batch, kv_heads, head_dim, seq] and
+values [..., batch, kv_heads, seq, head_dim] (see LayerKV); every function here works on one
+layer's arrays and is mapped over the layers of either form.
+"""
 
 from __future__ import annotations
 
@@ -11,39 +18,90 @@ from shardinfer.config import ModelConfig
 from shardinfer.models.llama import LayerKV
 from shardinfer.sharding import Sharder
 
-KVCache = LayerKV  # k, v: [layers, batch, kv_heads, max_seq_len, head_dim]
+KVCache = LayerKV | list[LayerKV]
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
-
-
-def cache_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
-    return (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+K_AXES = ("batch", "kv_heads", "head_dim", "seq")
+V_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 
-def cache_shardings(cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int) -> LayerKV:
-    one = sharder.sharding(CACHE_AXES, cache_shape(cfg, batch, max_len), "kv cache")
-    return LayerKV(one, one)
+def _layer_shapes(cfg: ModelConfig, batch: int, max_len: int) -> LayerKV:
+    k, d = cfg.num_kv_heads, cfg.head_dim
+    return LayerKV((batch, k, d, max_len), (batch, k, max_len, d))
 
 
-def init_cache(cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int, dtype) -> KVCache:
+def cache_shardings(
+    cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int, stacked: bool = True
+) -> KVCache:
+    shapes = _layer_shapes(cfg, batch, max_len)
+    if stacked:
+        lead, axes = (cfg.num_layers,), ("layers",)
+    else:
+        lead, axes = (), ()
+    one = LayerKV(
+        sharder.sharding(axes + K_AXES, lead + shapes.k, "kv cache keys"),
+        sharder.sharding(axes + V_AXES, lead + shapes.v, "kv cache values"),
+    )
+    return one if stacked else [one] * cfg.num_layers
+
+
+def init_cache(
+    cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int, dtype, stacked: bool = True
+) -> KVCache:
     """Zeros, created directly in their shards (batch on `data`, KV heads on `model`)."""
-    shape = cache_shape(cfg, batch, max_len)
+    shapes = _layer_shapes(cfg, batch, max_len)
+    lead = (cfg.num_layers,) if stacked else ()
 
-    @partial(jax.jit, out_shardings=cache_shardings(cfg, sharder, batch, max_len))
+    @partial(jax.jit, out_shardings=cache_shardings(cfg, sharder, batch, max_len, stacked))
     def zeros():
-        return LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        one = lambda: LayerKV(jnp.zeros(lead + shapes.k, dtype), jnp.zeros(lead + shapes.v, dtype))  # noqa: E731
+        return one() if stacked else [one() for _ in range(cfg.num_layers)]
 
     return zeros()
 
 
+def map_layers(fn, cache: KVCache, *others: KVCache) -> KVCache:
+    """fn(layer_cache, *layer_others) -> LayerKV, over the layers of either form."""
+    if isinstance(cache, list):
+        return [fn(*layers) for layers in zip(cache, *others, strict=True)]
+    return jax.vmap(fn)(cache, *others)
+
+
 def write_at(cache: KVCache, new: KVCache, positions: jax.Array) -> KVCache:
-    """Decode: row b's new k/v [layers, B, kv_heads, 1, D] goes to position positions[b], once per
-    step after all layers ran (the layers only read the cache)."""
+    """Decode: row b's new k/v (one position) goes to position positions[b], once per step
+    after all layers ran (the layers only read the cache)."""
     rows = jnp.arange(positions.shape[0])
 
-    def put(stored, fresh):
-        # Two index arrays split by a slice: numpy rules put their axis first, [B, layers, ...].
-        update = fresh[:, :, :, 0].transpose(1, 0, 2, 3).astype(stored.dtype)
-        return stored.at[:, rows, :, positions].set(update)
+    def one(layer: LayerKV, fresh: LayerKV) -> LayerKV:
+        # Index arrays split by slices: numpy rules put their axis first, [B, kv_heads, D].
+        return LayerKV(
+            layer.k.at[rows, :, :, positions].set(fresh.k[..., 0].astype(layer.k.dtype)),
+            layer.v.at[rows, :, positions].set(fresh.v[:, :, 0].astype(layer.v.dtype)),
+        )
 
-    return LayerKV(put(cache.k, new.k), put(cache.v, new.v))
+    return map_layers(one, cache, new)
+
+
+def insert(cache: KVCache, new_kv: KVCache, slots) -> KVCache:
+    """Copies prefilled k/v (R rows of T positions, laid out like the cache) row r into cache
+    row slots[r], positions 0..T-1. A slot index past the end (a padding row) is dropped."""
+
+    def one(layer: LayerKV, fresh: LayerKV) -> LayerKV:
+        width = fresh.v.shape[2]
+        k = layer.k.at[slots, :, :, :width].set(fresh.k.astype(layer.k.dtype), mode="drop")
+        v = layer.v.at[slots, :, :width].set(fresh.v.astype(layer.v.dtype), mode="drop")
+        return LayerKV(k, v)
+
+    return map_layers(one, cache, new_kv)
+
+
+def resize(cache: KVCache, length: int) -> KVCache:
+    """The cache cut or zero-padded to `length` positions."""
+
+    def fit(x, axis):
+        if x.shape[axis] >= length:
+            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, length - x.shape[axis])
+        return jnp.pad(x, pad)
+
+    return map_layers(lambda layer: LayerKV(fit(layer.k, 3), fit(layer.v, 2)), cache)

@@ -39,13 +39,16 @@ class LLM:
         dtype: Any = None,
         compilation_cache: str | Path | None = DEFAULT_CACHE_DIR,
         quantize: str | None = None,
+        layer_loop: str | None = None,
     ):
         # Before anything compiles: a later process with the same shapes loads, not compiles.
         enable_compilation_cache(compilation_cache)
         if isinstance(model_or_source, Model):
             self.model = model_or_source
         else:
-            self.model = load_model(model_or_source, mesh=mesh, dtype=dtype, quantize=quantize)
+            self.model = load_model(
+                model_or_source, mesh, dtype, quantize=quantize, layer_loop=layer_loop
+            )
         cfg, data = self.model.config, self.model.data_size
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")

@@ -20,10 +20,17 @@ from shardinfer.models.weights import dense, dense_transposed, embed_rows, stack
 from shardinfer.sharding import Sharder
 
 NEG_INF = -1e30
+# How the decoder layers run. "scan": one stacked Block under lax.scan (compile time flat in
+# depth; what accelerators want). "unrolled": one Block per layer in a Python loop: XLA:CPU
+# copies each layer's weights out of a stacked array every step (it cannot fuse the slice
+# into the matmul), which cost ~35% of a batch-1 decode step.
+LAYER_LOOPS = ("scan", "unrolled")
 
 
 class LayerKV(NamedTuple):
-    k: jax.Array  # [layers, batch, kv_heads, seq, head_dim]; inside a layer, no `layers` axis
+    # Keys are stored transposed so both attention matmuls read the cache in the layout a
+    # plain matmul wants (q @ K and p @ V); otherwise XLA:CPU transposes the cache every step.
+    k: jax.Array  # [layers, batch, kv_heads, head_dim, seq]; inside a layer, no `layers` axis
     v: jax.Array  # [layers, batch, kv_heads, seq, head_dim]
 
 
@@ -65,8 +72,7 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, rope, cache: LayerKV | None):
         """x [B, T, E]. Without a cache: causal attention among these T tokens. With a cache
         (decode): each row attends its cached keys before positions[:, 0], then itself.
-        Returns the output and this step's k/v, heads-major [B, kv_heads, T, head_dim] like
-        the cache (so attention reads the cache as stored, without a transposed copy)."""
+        Returns the output and this step's k/v laid out like the cache (see LayerKV)."""
         cfg = self.cfg
         q = dense(x, self.q_proj)
         k = dense(x, self.k_proj)
@@ -87,8 +93,8 @@ class Attention(nnx.Module):
         allowed = _visible(positions[:, :, None], positions[:, None, :], cfg.sliding_window)
         blocks = [(jnp.where(allowed[:, None, None], scores, NEG_INF), v)]
         if cache is not None:
-            cached = jnp.einsum("btkgd,bksd->bkgts", q, cache.k, preferred_element_type=f32)
-            slot_pos = jnp.arange(cache.k.shape[2])[None, None, :]
+            cached = jnp.einsum("btkgd,bkds->bkgts", q, cache.k, preferred_element_type=f32)
+            slot_pos = jnp.arange(cache.v.shape[2])[None, None, :]
             seen = slot_pos < positions[:, :1, None]  # only what earlier steps wrote
             seen &= _visible(positions[:, :, None], slot_pos, cfg.sliding_window)
             blocks.append((jnp.where(seen[:, None, None], cached, NEG_INF), cache.v))
@@ -106,7 +112,7 @@ class Attention(nnx.Module):
         out = dense(out, self.o_proj, contract=2)
         if cfg.o_bias:
             out = out + self.o_bias[...]
-        return out, LayerKV(k, v)
+        return out, LayerKV(k.transpose(0, 1, 3, 2), v)
 
 
 def _visible(q_pos, k_pos, window: int | None):
@@ -156,36 +162,54 @@ class Llama(nnx.Module):
         dtype,
         rngs: nnx.Rngs | None,
         quantize: str | None = None,
-        unroll: int = 1,
+        layer_loop: str = "scan",
     ):
-        self.cfg, self.sharder, self.dtype, self.unroll = cfg, sharder, dtype, unroll
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"unknown layer_loop {layer_loop!r}; use one of {LAYER_LOOPS}")
+        self.cfg, self.sharder, self.dtype, self.layer_loop = cfg, sharder, dtype, layer_loop
         table = ((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), (1,), dtype, quantize)
         self.embed_tokens = weight(rngs, *table)
-        # All layers in one stacked Block, run by lax.scan: compile time stays flat with depth.
-        self.layers = Block(cfg, dtype, rngs, quantize, layers=cfg.num_layers)
+        if layer_loop == "scan":
+            self.layers = Block(cfg, dtype, rngs, quantize, layers=cfg.num_layers)
+        else:
+            self.layers = nnx.List(
+                [Block(cfg, dtype, rngs, quantize) for _ in range(cfg.num_layers)]
+            )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = weight(rngs, *table)
 
     def __call__(self, tokens, positions, cache: LayerKV | None = None, cache_len: int = 0):
         """tokens, positions [B, T] -> final hidden states [B, T, E] and every layer's new k/v
-        [layers, B, kv_heads, T, head_dim]. The cache is only read here, and only its first
+        (LayerKV layout with T for seq). The cache is only read here, and only its first
         `cache_len` positions when that is given (a static bound on every row's position)."""
         edge = ("batch", "seq", "embed")
         x = self.sharder.constrain(embed_rows(self.embed_tokens, tokens, self.dtype), edge)
         rope = rope_tables(positions, inverse_frequencies(self.cfg))
+
+        def visible_cache(layer_cache):
+            if layer_cache is None or not cache_len:
+                return layer_cache
+            return LayerKV(layer_cache.k[..., :cache_len], layer_cache.v[:, :, :cache_len])
+
+        if self.layer_loop == "unrolled":  # the cache and the new k/v: one LayerKV per layer
+            new_kv = []
+            for i, block in enumerate(self.layers):
+                layer_cache = None if cache is None else cache[i]
+                x, kv = block(x, positions, rope, visible_cache(layer_cache))
+                x = self.sharder.constrain(x, edge)
+                new_kv.append(kv)
+            return self.norm(x), new_kv
+
         graphdef, params = nnx.split(self.layers)
 
         def layer_step(x, per_layer):
             layer_params, layer_cache = per_layer
-            if layer_cache is not None and cache_len:
-                layer_cache = LayerKV(
-                    layer_cache.k[:, :, :cache_len], layer_cache.v[:, :, :cache_len]
-                )
-            x, kv = nnx.merge(graphdef, layer_params)(x, positions, rope, layer_cache)
+            block = nnx.merge(graphdef, layer_params)
+            x, kv = block(x, positions, rope, visible_cache(layer_cache))
             return self.sharder.constrain(x, edge), kv
 
-        x, new_kv = jax.lax.scan(layer_step, x, (params, cache), unroll=self.unroll)
+        x, new_kv = jax.lax.scan(layer_step, x, (params, cache))
         return self.norm(x), new_kv
 
     def logits(self, hidden: jax.Array) -> jax.Array:

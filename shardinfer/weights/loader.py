@@ -58,7 +58,7 @@ def load_params(
         return ref.to_ours(raw)
 
     def read(path: tuple) -> np.ndarray:
-        if path[0] != "layers":
+        if path[0] != "layers" or isinstance(path[1], int):  # not stacked (or one layer's)
             return read_one(path)
         # A stacked layer parameter: the same tensor of every layer, in order.
         return np.stack([read_one(("layers", i, *path[1:])) for i in range(cfg.num_layers)])

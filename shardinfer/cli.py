@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=8, help="decode slots")
     serve.add_argument("--max-seq-len", type=int, default=2048)
     serve.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="split the devices into R sub-meshes, one engine each",
+    )
+    serve.add_argument("--routing", default="least_loaded", choices=["least_loaded", "round_robin"],
+                       help="how requests are spread over replicas")  # fmt: skip
+    serve.add_argument(
         "--api-key",
         default=os.environ.get("SHARDINFER_API_KEY"),
         help="require 'Authorization: Bearer KEY' (env SHARDINFER_API_KEY)",
@@ -195,17 +203,18 @@ def _serve(args: argparse.Namespace) -> None:
     import shardinfer as si
     from shardinfer.serving.async_engine import AsyncEngine
     from shardinfer.serving.http import DrainingServer, create_app
+    from shardinfer.serving.router import Router, split_devices
 
-    model = si.load_model(
-        args.model,
-        mesh=args.mesh,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        layer_loop=args.layer_loop,
-    )
-    _print_sharding(model)
-    llm = si.LLM(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
-    engine = AsyncEngine(llm)
+    engines = []
+    for devices in split_devices(args.replicas):
+        mesh = si.make_mesh(args.mesh, devices=devices)
+        model = si.load_model(args.model, mesh=mesh, dtype=args.dtype, quantize=args.quantize,
+                              layer_loop=args.layer_loop)  # fmt: skip
+        if not engines:
+            _print_sharding(model)
+        llm = si.LLM(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+        engines.append(AsyncEngine(llm, replica=str(len(engines))))
+    engine = engines[0] if len(engines) == 1 else Router(engines, args.routing)
     app = create_app(engine, args.model, api_key=args.api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = DrainingServer(config, app, engine)

@@ -38,7 +38,8 @@ def test_generate_on_a_simulated_mesh_then_warm_start(tmp_path):
     warm = _run(*args)
     assert warm.returncode == 0, warm.stderr
     assert warm.stdout == cold.stdout
-    assert _compile_seconds(warm.stderr) < _compile_seconds(cold.stderr) / 3
+    # Unrolled layers (the CPU default) still trace 30 layers in the warm process: < 1/2.
+    assert _compile_seconds(warm.stderr) < _compile_seconds(cold.stderr) / 2
 
 
 def test_info_lists_simulated_devices():

@@ -92,7 +92,10 @@ def test_models_health_metrics(server, client):
     base = server[2]
     assert json.loads(urllib.request.urlopen(base + "/health").read()) == {"status": "ok"}
     text = urllib.request.urlopen(base + "/metrics").read().decode()
-    assert "shardinfer_tokens_generated" in text and "shardinfer_live_slots 0.0" in text
+    assert (
+        "shardinfer_tokens_generated" in text and 'shardinfer_live_slots{replica="0"} 0.0' in text
+    )
+    assert "shardinfer_ttft_seconds_bucket" in text and "shardinfer_inter_token_seconds" in text
 
 
 def _post(base, path, body: bytes, content_type="application/json"):
@@ -175,7 +178,9 @@ def test_48_concurrent_streams_all_complete(server):
     assert all(0 < usage <= 6 for _, _, usage in results)
     assert llm.metrics.requests_finished == before + 48
     text = urllib.request.urlopen(base + "/metrics").read().decode()
-    finished = float(re.search(r"^shardinfer_requests_finished (\S+)$", text, re.M).group(1))
+    finished = float(
+        re.search(r'^shardinfer_requests_finished{replica="0"} (\S+)$', text, re.M).group(1)
+    )
     assert finished == llm.metrics.requests_finished and not engine.busy()
 
 
@@ -183,13 +188,17 @@ class _FullEngine:
     """Stands in for an AsyncEngine whose queue is full."""
 
     def __init__(self, llm):
-        self.llm, self.metrics = llm, llm.metrics
+        self.llm, self.metrics, self.replica, self.observer = llm, llm.metrics, "0", None
+        self.engines = [self]
 
     def submit(self, prompt_ids, params):
         raise QueueFull("256 requests are already waiting")
 
     def waiting(self) -> int:
         return 256
+
+    def load(self) -> int:
+        return 0
 
 
 def test_full_queue_answers_429_with_retry_after(server):

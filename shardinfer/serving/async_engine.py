@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 
 from shardinfer.engine.llm import LLM
 from shardinfer.engine.request import Request
@@ -36,11 +37,18 @@ class Handle:
     request: Request
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    engine: AsyncEngine
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    last_token_at: float | None = None
+    tokens_seen: int = 0
 
 
 class AsyncEngine:
-    def __init__(self, llm: LLM, max_waiting: int = 256):
-        self.llm, self.max_waiting = llm, max_waiting
+    def __init__(self, llm: LLM, max_waiting: int = 256, replica: str = "0"):
+        self.llm, self.max_waiting, self.replica = llm, max_waiting, replica
+        self.observer = None  # a ServingMetrics (serving/prometheus.py) once a server owns us
+        self._outstanding = 0  # tokens still to generate for requests queued or in slots
+        self._outstanding_lock = threading.Lock()
         self._inbox: queue.Queue = queue.Queue()
         self._handles: dict[int, Handle] = {}
         self._stopping = threading.Event()
@@ -51,15 +59,28 @@ class AsyncEngine:
     def metrics(self):
         return self.llm.metrics
 
+    @property
+    def engines(self) -> list[AsyncEngine]:
+        return [self]
+
     def waiting(self) -> int:
         return self._inbox.qsize() + len(self.llm.scheduler.waiting)
+
+    def load(self) -> int:
+        """Outstanding work: tokens still to generate for everything queued or in a slot."""
+        return self._outstanding
+
+    def _owe(self, tokens: int) -> None:
+        with self._outstanding_lock:
+            self._outstanding += tokens
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
         """Validates and queues one request (ValueError for bad input, QueueFull when full)."""
         if self.waiting() >= self.max_waiting:
             raise QueueFull(f"{self.max_waiting} requests are already waiting")
         request = self.llm.new_request(prompt_ids, params)
-        handle = Handle(request, asyncio.Queue(), asyncio.get_running_loop())
+        handle = Handle(request, asyncio.Queue(), asyncio.get_running_loop(), self)
+        self._owe(request.params.max_tokens)
         self._inbox.put(("add", handle))
         return handle
 
@@ -89,6 +110,7 @@ class AsyncEngine:
                     elif kind == "abort" and id(handle.request) in self._handles:
                         scheduler.abort(handle.request)
                         del self._handles[id(handle.request)]
+                        self._settle(handle, "abort")
             except queue.Empty:
                 pass
             if not scheduler.has_work():
@@ -100,6 +122,7 @@ class AsyncEngine:
                 for handle in list(self._handles.values()):
                     scheduler.abort(handle.request)
                     self._emit(handle, Event("", list(handle.request.output_ids), "error"))
+                    self._settle(handle, "error")
                 self._handles.clear()
                 continue
             for request in touched:
@@ -107,9 +130,36 @@ class AsyncEngine:
                 if handle is None:
                     continue
                 delta = request.take_delta()
+                self._observe_tokens(handle)
                 self._emit(handle, Event(delta, list(request.output_ids), request.finish_reason))
                 if request.done:
                     del self._handles[id(request)]
+                    self._settle(handle, request.finish_reason or "stop")
+
+    def _observe_tokens(self, handle: Handle) -> None:
+        """Latency histograms and outstanding work, as a request's new tokens go out."""
+        new = len(handle.request.output_ids) - handle.tokens_seen
+        if new <= 0:
+            return
+        now = time.perf_counter()
+        self._owe(-new)
+        if self.observer is not None:
+            labels = {"replica": self.replica}
+            if handle.last_token_at is None:
+                self.observer.ttft.labels(**labels).observe(now - handle.submitted)
+            else:  # several tokens in one event (stop strings held back): spread the gap
+                gap = (now - handle.last_token_at) / new
+                for _ in range(new):
+                    self.observer.inter_token.labels(**labels).observe(gap)
+            self.observer.tokens.labels(**labels).inc(new)
+        handle.tokens_seen += new
+        handle.last_token_at = now
+
+    def _settle(self, handle: Handle, outcome: str) -> None:
+        """The request is over: its unused token budget leaves the load; count the outcome."""
+        self._owe(-(handle.request.params.max_tokens - handle.tokens_seen))
+        if self.observer is not None:
+            self.observer.requests.labels(replica=self.replica, outcome=outcome).inc()
 
     @staticmethod
     def _emit(handle: Handle, event: Event) -> None:

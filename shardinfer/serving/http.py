@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shardinfer.engine.sampling import SamplingParams
 from shardinfer.serving.async_engine import AsyncEngine, Event, Handle, QueueFull
-from shardinfer.serving.prometheus import render_metrics
+from shardinfer.serving.prometheus import ServingMetrics
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -69,12 +69,20 @@ def create_app(
     app = FastAPI(title="shardinfer", docs_url=None, redoc_url=None)
     app.state.draining = False  # set on SIGTERM: finish what is in flight, refuse the rest
     tokenizer = engine.llm.tokenizer
+    observer = ServingMetrics()
+    for replica in engine.engines:  # an AsyncEngine is its own only replica; a Router has R
+        replica.observer = observer
+    observer.watch(lambda: engine.engines)
+
+    def refused(outcome: str) -> None:
+        observer.requests.labels(replica="", outcome=outcome).inc()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
         )
+        refused("invalid")
         return _error(400, problems or "invalid request body")
 
     @app.middleware("http")
@@ -98,7 +106,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(engine), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(observer.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -119,13 +127,16 @@ def create_app(
 
     def _start(body: _Sampling, prompt_ids: list[int], max_tokens: int | None) -> Handle:
         if body.model != model_name:
+            refused("invalid")
             raise _Refused(404, f"model {body.model!r} does not exist; this server has "
                                 f"{model_name!r}", "not_found_error")  # fmt: skip
         try:
             return engine.submit(prompt_ids, _params(body, max_tokens))
         except QueueFull as e:
+            refused("rejected")
             raise _Refused(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from e
         except ValueError as e:
+            refused("invalid")
             raise _Refused(400, str(e)) from e
 
     @app.post("/v1/completions")

@@ -1,27 +1,77 @@
-"""Engine metrics in the Prometheus text format."""
+"""Serving metrics in the Prometheus text format, per replica.
+
+Latencies are histograms and outcomes counters, observed by each engine thread as tokens go
+out (prometheus_client is thread-safe); slot use, queue length and compilations are read from
+the engines at scrape time by a collector.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Seconds; CPU first tokens take 0.05-2 s, accelerator inter-token gaps ~5-50 ms.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
-def render_metrics(engine) -> str:
-    """A fresh registry each scrape: the engine's own counters are the source of truth."""
-    m = engine.metrics
-    registry = CollectorRegistry()
+class ServingMetrics:
+    """One registry for a server: histograms and counters that live as long as it does."""
 
-    def gauge(name: str, doc: str, value: float) -> None:
-        Gauge(name, doc, registry=registry).set(value)
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("shardinfer_ttft_seconds", "Time from request to first token.",
+                              ["replica"], buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
+        self.inter_token = Histogram(
+            "shardinfer_inter_token_seconds",
+            "Time between a request's consecutive tokens.",
+            ["replica"],
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "shardinfer_requests",
+            "Requests by outcome: stop, length, abort (client left), error, rejected (429), "
+            "invalid (4xx).",
+            ["replica", "outcome"],
+            registry=r,
+        )
+        self.tokens = Counter("shardinfer_generated_tokens", "Tokens generated.", ["replica"],
+                              registry=r)  # fmt: skip
 
-    gauge("shardinfer_requests_finished", "Requests finished (any reason).", m.requests_finished)
-    gauge("shardinfer_tokens_generated", "Tokens generated.", m.tokens_generated)
-    gauge("shardinfer_prefill_tokens", "Prompt tokens prefilled.", m.prefill_tokens)
-    gauge("shardinfer_live_slots", "Decode slots in use.", m.live_slots)
-    gauge("shardinfer_slots", "Decode slots.", m.slots)
-    gauge("shardinfer_queue_length", "Requests waiting for a slot.", engine.waiting())
-    gauge("shardinfer_compilations", "Jitted programs lowered since start.", m.compilations)
-    summary = m.summary()
-    gauge("shardinfer_ttft_median_seconds", "Median time to first token.", summary["ttft_median_s"])
-    gauge("shardinfer_tpot_median_seconds", "Median time per output token.",
-          summary["tpot_median_s"])  # fmt: skip
-    return generate_latest(registry).decode()
+    def watch(self, engines: Callable[[], list]) -> None:
+        """Reports the live state of `engines()` (AsyncEngines) at every scrape."""
+        self.registry.register(_EngineCollector(engines))
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engines: Callable[[], list]):
+        self.engines = engines
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauges = {
+            "live_slots": ("Decode slots in use.", lambda e: e.metrics.live_slots),
+            "slots": ("Decode slots.", lambda e: e.metrics.slots),
+            "queue_length": ("Requests waiting for a slot.", lambda e: e.waiting()),
+            "outstanding_tokens": ("Tokens still to generate for requests queued or in slots "
+                                   "(what routing balances).", lambda e: e.load()),
+            "requests_finished": ("Requests finished (any reason).",
+                                  lambda e: e.metrics.requests_finished),
+            "tokens_generated": ("Tokens generated.", lambda e: e.metrics.tokens_generated),
+            "prefill_tokens": ("Prompt tokens prefilled.", lambda e: e.metrics.prefill_tokens),
+            "compilations": ("Jitted programs lowered since start.",
+                             lambda e: e.metrics.compilations),
+        }  # fmt: skip
+        engines = self.engines()
+        for name, (doc, read) in gauges.items():
+            family = GaugeMetricFamily(f"shardinfer_{name}", doc, labels=["replica"])
+            for engine in engines:
+                family.add_metric([engine.replica], float(read(engine)))
+            yield family

@@ -123,18 +123,20 @@ def _print_sharding(model) -> None:
         print(f"  {name:<{width}}  {shape!s:<18} {spec}", file=sys.stderr)
 
 
+def _load_model(args: argparse.Namespace, mesh):
+    """The --model with the options every model-running command shares."""
+    import shardinfer as si
+
+    return si.load_model(args.model, mesh=mesh, dtype=args.dtype, quantize=args.quantize,
+                         layer_loop=args.layer_loop)  # fmt: skip
+
+
 def _generate(args: argparse.Namespace) -> None:
     import shardinfer as si
     from shardinfer.engine.metrics import compilations, compile_seconds
 
     started = time.perf_counter()
-    model = si.load_model(
-        args.model,
-        mesh=args.mesh,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        layer_loop=args.layer_loop,
-    )
+    model = _load_model(args, args.mesh)
     print(f"loaded {args.model} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     _print_sharding(model)
     cache = None if args.compilation_cache.lower() == "none" else args.compilation_cache
@@ -174,16 +176,9 @@ def _generate(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     import json
 
-    import shardinfer as si
     from shardinfer.serving.bench import format_report, run_bench
 
-    model = si.load_model(
-        args.model,
-        mesh=args.mesh,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        layer_loop=args.layer_loop,
-    )
+    model = _load_model(args, args.mesh)
     _print_sharding(model)
     result = run_bench(
         model,
@@ -208,8 +203,7 @@ def _serve(args: argparse.Namespace) -> None:
     engines = []
     for devices in split_devices(args.replicas):
         mesh = si.make_mesh(args.mesh, devices=devices)
-        model = si.load_model(args.model, mesh=mesh, dtype=args.dtype, quantize=args.quantize,
-                              layer_loop=args.layer_loop)  # fmt: skip
+        model = _load_model(args, mesh)
         if not engines:
             _print_sharding(model)
         llm = si.LLM(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)

@@ -64,8 +64,8 @@ class Engine:
             logits, kv = prefill_logits(graphdef, state, tokens, lengths)
             return sample(logits, lengths, *sampling), kv
 
-        def decode(state, cache, tokens, positions, sampling, cache_len):
-            logits, new_kv = decode_logits(graphdef, state, cache, tokens, positions, cache_len)
+        def decode(state, cache, tokens, positions, sampling):
+            logits, new_kv = decode_logits(graphdef, state, cache, tokens, positions)
             return sample(logits, positions + 1, *sampling), new_kv
 
         self._prefill = jax.jit(prefill)
@@ -73,7 +73,7 @@ class Engine:
         # The step reads the cache and a second call writes the new k/v in place: in one
         # program, XLA:CPU copied the whole (donated) cache twice per step to order the
         # attention's reads before the in-place write.
-        self._decode = jax.jit(decode, static_argnums=(5,))
+        self._decode = jax.jit(decode)
         self._write = jax.jit(write_at, donate_argnums=(0,))
         self._resize = jax.jit(resize, static_argnums=(1,), donate_argnums=(0,))
         self.capacity = min(DECODE_MIN_CACHE, max_seq_len)
@@ -141,7 +141,6 @@ class Engine:
             put(tokens),
             device_positions,
             tuple(put(a) for a in sampling.as_tuple()),
-            0,
         )
         self.cache = self._write(self.cache, new_kv, device_positions)
         return np.asarray(new)

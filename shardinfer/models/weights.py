@@ -89,12 +89,10 @@ def dense(x: jax.Array, w, contract: int = 1, out_dtype=None) -> jax.Array:
 
 def dense_transposed(x: jax.Array, w, out_dtype=None) -> jax.Array:
     """x [..., E] against a (rows, E) table -> [..., rows]: the tied or untied lm_head."""
+    values = w.q[...] if isinstance(w, Int8Weight) else w[...]
+    y = jnp.einsum("...e,ve->...v", x, values.astype(x.dtype), preferred_element_type=jnp.float32)
     if isinstance(w, Int8Weight):
-        y = jnp.einsum(
-            "...e,ve->...v", x, w.q[...].astype(x.dtype), preferred_element_type=jnp.float32
-        )
-        return (y * w.scale[...]).astype(out_dtype or x.dtype)
-    y = jnp.einsum("...e,ve->...v", x, w[...], preferred_element_type=jnp.float32)
+        y = y * w.scale[...]
     return y.astype(out_dtype or x.dtype)
 
 

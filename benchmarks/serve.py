@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,22 +38,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=600, help="seconds for the whole run")
     p.add_argument("--out", default=None, help="directory for the json/md result files")
     return p.parse_args()
-
-
-def start_server(engine, model_name: str):
-    import uvicorn
-
-    from shardinfer.serving.http import create_app
-
-    app = create_app(engine, model_name)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, thread, f"http://127.0.0.1:{port}/v1"
 
 
 async def one_request(client, base: str, model: str, max_tokens: int) -> dict:
@@ -113,6 +96,7 @@ def main() -> None:
 
     import shardinfer as si
     from shardinfer.serving.async_engine import AsyncEngine
+    from shardinfer.serving.http import create_app, serve_in_thread
     from shardinfer.serving.router import Router, split_devices
 
     deadline = time.time() + args.time_limit
@@ -134,28 +118,26 @@ def main() -> None:
         return engines
 
     engines = replicas(1)
-    server, thread, base = start_server(engines[0], args.model)
-    asyncio.run(load(base, args.model, [args.max_tokens] * 8, 8, deadline))  # warm-up
-    for c in (int(x) for x in args.concurrency.split(",")):
-        results, wall = asyncio.run(
-            load(base, args.model, [args.max_tokens] * args.requests, c, deadline)
-        )
-        gaps = [g for r in results for g in r["gaps"]]
-        row = {
-            "concurrency": c,
-            "requests": len(results),
-            "wall_s": wall,
-            "requests_per_s": len(results) / wall,
-            "tokens_per_s": len(results) * args.max_tokens / wall,
-            "ttft_p50_ms": pct([r["ttft"] for r in results], 0.5),
-            "ttft_p99_ms": pct([r["ttft"] for r in results], 0.99),
-            "inter_token_p50_ms": pct(gaps, 0.5),
-            "inter_token_p99_ms": pct(gaps, 0.99),
-        }
-        report["levels"].append(row)
-        print(row, flush=True)
-    server.should_exit = True
-    thread.join()
+    with serve_in_thread(create_app(engines[0], args.model)) as url:
+        base = url + "/v1"
+        asyncio.run(load(base, args.model, [args.max_tokens] * 8, 8, deadline))  # warm-up
+        for c in (int(x) for x in args.concurrency.split(",")):
+            lengths = [args.max_tokens] * args.requests
+            results, wall = asyncio.run(load(base, args.model, lengths, c, deadline))
+            gaps = [g for r in results for g in r["gaps"]]
+            row = {
+                "concurrency": c,
+                "requests": len(results),
+                "wall_s": wall,
+                "requests_per_s": len(results) / wall,
+                "tokens_per_s": len(results) * args.max_tokens / wall,
+                "ttft_p50_ms": pct([r["ttft"] for r in results], 0.5),
+                "ttft_p99_ms": pct([r["ttft"] for r in results], 0.99),
+                "inter_token_p50_ms": pct(gaps, 0.5),
+                "inter_token_p99_ms": pct(gaps, 0.99),
+            }
+            report["levels"].append(row)
+            print(row, flush=True)
     engines[0].stop()
 
     # Skewed lengths over two replicas: 1 long request in 4.
@@ -163,10 +145,10 @@ def main() -> None:
     lengths = [long if i % 4 == 0 else short for i in range(args.skew_requests)]
     engines = replicas(2)
     for policy in ("least_loaded", "round_robin"):
-        router = Router(engines, policy)
-        server, thread, base = start_server(router, args.model)
-        asyncio.run(load(base, args.model, [short] * 4, 4, deadline))  # warm-up both
-        results, wall = asyncio.run(load(base, args.model, lengths, 8, deadline))
+        with serve_in_thread(create_app(Router(engines, policy), args.model)) as url:
+            base = url + "/v1"
+            asyncio.run(load(base, args.model, [short] * 4, 4, deadline))  # warm-up both
+            results, wall = asyncio.run(load(base, args.model, lengths, 8, deadline))
         latencies = [r["latency"] for r in results]
         row = {
             "policy": policy,
@@ -179,8 +161,6 @@ def main() -> None:
         }
         report["routing"].append(row)
         print(row, flush=True)
-        server.should_exit = True
-        thread.join()
     for engine in engines:
         engine.stop()
 

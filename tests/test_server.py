@@ -1,9 +1,7 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback."""
 
-import contextlib
 import json
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -11,11 +9,10 @@ import urllib.request
 import jax
 import openai
 import pytest
-import uvicorn
 
 import shardinfer as si
 from shardinfer.serving.async_engine import AsyncEngine, QueueFull
-from shardinfer.serving.http import create_app
+from shardinfer.serving.http import create_app, serve_in_thread
 
 MODEL = "smollm2-135m-instruct"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -28,25 +25,9 @@ def server():
     # The reference, before the engine thread takes the LLM over (one owner at a time).
     expected_chat = llm.chat(CHAT, si.SamplingParams(max_tokens=24, temperature=0.0))[0]
     engine = AsyncEngine(llm, max_waiting=64)
-    with _serving(create_app(engine, MODEL)) as base:
+    with serve_in_thread(create_app(engine, MODEL)) as base:
         yield llm, engine, base, expected_chat
     engine.stop()
-
-
-@contextlib.contextmanager
-def _serving(app):
-    """Runs an ASGI app with uvicorn on a free loopback port, in a thread."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +183,7 @@ class _FullEngine:
 
 
 def test_full_queue_answers_429_with_retry_after(server):
-    with _serving(create_app(_FullEngine(server[0]), MODEL)) as base:
+    with serve_in_thread(create_app(_FullEngine(server[0]), MODEL)) as base:
         request = urllib.request.Request(
             base + "/v1/completions",
             data=json.dumps({"model": MODEL, "prompt": "hi"}).encode(),
@@ -215,7 +196,7 @@ def test_full_queue_answers_429_with_retry_after(server):
 
 
 def test_api_key_is_required_when_set(server):
-    with _serving(create_app(_FullEngine(server[0]), MODEL, api_key="sekret")) as base:
+    with serve_in_thread(create_app(_FullEngine(server[0]), MODEL, api_key="sekret")) as base:
         wrong = openai.OpenAI(base_url=base + "/v1", api_key="guess", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()

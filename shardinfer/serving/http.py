@@ -7,11 +7,12 @@ client's faults, and one bad request never disturbs the others in flight.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 import uvicorn
@@ -270,3 +271,19 @@ class DrainingServer(uvicorn.Server):
         # Not super().handle_exit: uvicorn would re-raise the signal after shutting down, and
         # a drained server should exit 0.
         self.should_exit = True
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
+    """Runs an app with uvicorn on a free port of `host`, in a thread (tests, benchmarks,
+    notebooks); yields its base URL and stops the server on exit."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -7,7 +7,8 @@ first token and inter-token gaps (p50/p99) as a client sees them.
 Part 2: two replicas (one device each) with skewed request lengths (1 long : 3 short), routed
 least-loaded and then round-robin: p50/p99 of whole-request latency, same requests in the
 same order.
-The server runs in this process (uvicorn on a thread); the clients are httpx streams.
+The server runs in this process (uvicorn on a thread); the clients are the official `openai`
+client's streams.
 """
 
 from __future__ import annotations
@@ -34,29 +35,33 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,4,8")
     p.add_argument("--requests", type=int, default=16, help="per concurrency level")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--skew-requests", type=int, default=24)
+    p.add_argument("--skew-requests", type=int, default=48)
+    p.add_argument(
+        "--skew-slots",
+        type=int,
+        default=2,
+        help="decode slots per replica in part 2: fewer than the clients, so a "
+        "replica given too much work makes requests wait",
+    )
     p.add_argument("--time-limit", type=float, default=600, help="seconds for the whole run")
     p.add_argument("--out", default=None, help="directory for the json/md result files")
     return p.parse_args()
 
 
-async def one_request(client, base: str, model: str, max_tokens: int) -> dict:
-    body = {
-        "model": model,
-        "prompt": "Once upon a time",
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-    }
+async def one_request(client, model: str, max_tokens: int) -> dict:
     start = time.perf_counter()
     stamps = []
-    async with client.stream("POST", base + "/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            data = line[6:] if line.startswith("data: ") else "[DONE]"
-            if data != "[DONE]" and json.loads(data)["choices"][0]["text"]:
-                stamps.append(time.perf_counter())
+    stream = await client.completions.create(
+        model=model,
+        prompt="Once upon a time",
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
     end = time.perf_counter()
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return {
@@ -67,20 +72,23 @@ async def one_request(client, base: str, model: str, max_tokens: int) -> dict:
 
 
 async def load(base: str, model: str, lengths: list[int], concurrency: int, deadline: float):
-    import httpx
+    """Every length in `lengths` as one streaming request, `concurrency` at a time (the
+    official openai client), until `deadline`."""
+    import openai
 
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=300) as client:
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300)
 
-        async def bounded(n: int):
-            async with gate:
-                if time.time() > deadline:
-                    return None
-                return await one_request(client, base, model, n)
+    async def bounded(n: int):
+        async with gate:
+            if time.time() > deadline:
+                return None
+            return await one_request(client, model, n)
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(bounded(n) for n in lengths))
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    results = await asyncio.gather(*(bounded(n) for n in lengths))
+    wall = time.perf_counter() - start
+    await client.close()
     return [r for r in results if r is not None], wall
 
 
@@ -110,17 +118,22 @@ def main() -> None:
         "routing": [],
     }
 
-    def replicas(count: int) -> list:
+    def replicas(count: int, slots: int) -> list:
         engines = []
         for devices in split_devices(count, jax.devices()[:count]):
             model = si.load_model(args.model, mesh=si.make_mesh(None, devices=devices))
-            engines.append(AsyncEngine(si.LLM(model, max_batch=8, max_seq_len=256)))
+            llm = si.LLM(model, max_batch=slots, max_seq_len=256)
+            # Compile every step shape the runs below use (a lone prefill, a group of 8, and
+            # decode) before timing, so no request pays for a compilation.
+            warm = si.SamplingParams(max_tokens=4, ignore_eos=True)
+            llm.generate(["Once upon a time"], warm)
+            llm.generate(["Once upon a time"] * 8, warm)
+            engines.append(AsyncEngine(llm))
         return engines
 
-    engines = replicas(1)
+    engines = replicas(1, 8)
     with serve_in_thread(create_app(engines[0], args.model)) as url:
         base = url + "/v1"
-        asyncio.run(load(base, args.model, [args.max_tokens] * 8, 8, deadline))  # warm-up
         for c in (int(x) for x in args.concurrency.split(",")):
             lengths = [args.max_tokens] * args.requests
             results, wall = asyncio.run(load(base, args.model, lengths, c, deadline))
@@ -142,16 +155,18 @@ def main() -> None:
 
     # Skewed lengths over two replicas: 1 long request in 4.
     long, short = 4 * args.max_tokens, args.max_tokens // 4 or 1
+    report.update(long=long, short=short, skew_slots=args.skew_slots)
     lengths = [long if i % 4 == 0 else short for i in range(args.skew_requests)]
-    engines = replicas(2)
-    for policy in ("least_loaded", "round_robin"):
+    engines = replicas(2, args.skew_slots)
+    # Each policy twice, alternating, so neither always runs first.
+    for round_, policy in enumerate(("least_loaded", "round_robin") * 2):
         with serve_in_thread(create_app(Router(engines, policy), args.model)) as url:
             base = url + "/v1"
-            asyncio.run(load(base, args.model, [short] * 4, 4, deadline))  # warm-up both
             results, wall = asyncio.run(load(base, args.model, lengths, 8, deadline))
         latencies = [r["latency"] for r in results]
         row = {
             "policy": policy,
+            "round": round_ // 2,
             "requests": len(results),
             "wall_s": wall,
             "latency_p50_ms": pct(latencies, 0.5),
@@ -176,7 +191,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Serving: {report['model']}, {report['date']}",
         "",
-        f"{m.get('cpu', '')}, {m.get('cores', '')} cores; revision {report['revision']}; "
+        f"{m['cpu_model']}, {m['cpu_count']} cores, jax {m['jax']}; revision {report['revision']}; "
         f"streaming /v1/completions on loopback, {report['max_tokens']} tokens each.",
         "",
         "| concurrency | requests | req/s | tok/s | TTFT p50 ms | TTFT p99 ms | "
@@ -191,14 +206,16 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "Two replicas (one device each), skewed lengths (1 long : 3 short), 8 clients:",
+        f"Two replicas (one device each, {report['skew_slots']} slots each), skewed lengths "
+        f"({report['long']} tokens for 1 request in 4, {report['short']} for the others), "
+        "8 clients; each policy twice, alternating:",
         "",
-        "| routing | requests | latency p50 ms | latency p99 ms | mean ms | TTFT p99 ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| routing | round | requests | latency p50 ms | latency p99 ms | mean ms | TTFT p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["routing"]:
         lines.append(
-            f"| {r['policy']} | {r['requests']} | {r['latency_p50_ms']:.0f} | "
+            f"| {r['policy']} | {r['round']} | {r['requests']} | {r['latency_p50_ms']:.0f} | "
             f"{r['latency_p99_ms']:.0f} | {r['latency_mean_ms']:.0f} | "
             f"{r['ttft_p99_ms']:.0f} |"
         )

@@ -16,8 +16,12 @@ from shardinfer.serving.router import Router, split_devices
 class FakeEngine:
     """Outstanding work grows by each request's max_tokens, like AsyncEngine's."""
 
-    def __init__(self, load: int, waiting: int = 0):
+    def __init__(self, load: int, waiting: int = 0, free: int = 8):
         self._load, self._waiting, self.replica, self.got = load, waiting, "", []
+        self._free = free
+
+    def free_slots(self) -> int:
+        return self._free
 
     def load(self) -> int:
         return self._load
@@ -28,6 +32,7 @@ class FakeEngine:
     def submit(self, prompt_ids, params):
         self.got.append(params.max_tokens)
         self._load += params.max_tokens
+        self._free -= 1
 
 
 def test_least_loaded_picks_least_outstanding_work():
@@ -40,6 +45,18 @@ def test_least_loaded_picks_least_outstanding_work():
     ask(5)  # b 55, a 50 -> a
     assert (a.got, b.got, c.got) == ([5], [10, 25], [100])
     assert [e.replica for e in (a, b, c)] == ["0", "1", "2"]
+
+
+def test_a_free_slot_comes_before_less_work():
+    """Replica 0 is full of short requests (little work left, but a newcomer would wait);
+    replica 1 has one long request and free slots: the newcomer starts at once there."""
+    full, roomy = FakeEngine(6, free=0), FakeEngine(400, free=1)
+    router = Router([full, roomy])
+    router.submit([1], si.SamplingParams(max_tokens=10))
+    assert (full.got, roomy.got) == ([], [10])
+    # Now neither has a free slot: least outstanding work again.
+    router.submit([1], si.SamplingParams(max_tokens=10))
+    assert (full.got, roomy.got) == ([10], [10])
 
 
 def test_round_robin_ignores_load():

@@ -66,6 +66,10 @@ class AsyncEngine:
     def waiting(self) -> int:
         return self._inbox.qsize() + len(self.llm.scheduler.waiting)
 
+    def free_slots(self) -> int:
+        """Slots a new request could take at once (negative: that many are queued for one)."""
+        return self.metrics.slots - self.metrics.live_slots - self.waiting()
+
     def load(self) -> int:
         """Outstanding work: tokens still to generate for everything queued or in a slot."""
         return self._outstanding

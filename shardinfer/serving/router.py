@@ -1,10 +1,13 @@
 """Replicas: R engines on R sub-meshes behind one front end, and the router between them.
 
 Each replica is an AsyncEngine with its own slots, cache and engine thread on its own devices.
-The router sends a request to the replica with the least outstanding work: the tokens still to
+The router prefers a replica where the request gets a slot at once: a decode step costs the
+same however many slots are live, so a free slot means the request runs at full speed now,
+while a full replica makes it wait for some other request to end. Among replicas that all
+have (or all lack) a free slot it picks the least outstanding work: the tokens still to
 generate for everything queued there or in its slots (a request asking for 500 tokens weighs
-50 times one asking for 10), ties to the replica with fewer waiting requests, then the lowest
-index. Round-robin is kept for comparison (benchmarks/serve.py).
+50 times one asking for 10); then fewer waiting requests, then the lowest index. Round-robin
+is kept for comparison (benchmarks/serve.py).
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ class Router:
     def pick(self) -> AsyncEngine:
         if self.policy == "round_robin":
             return self.engines[next(self._turn)]
-        return min(self.engines, key=lambda e: (e.load(), e.waiting(), int(e.replica)))
+        return min(
+            self.engines,
+            key=lambda e: (e.free_slots() <= 0, e.load(), e.waiting(), int(e.replica)),
+        )
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
         return self.pick().submit(prompt_ids, params)

@@ -16,7 +16,14 @@ from flax import nnx
 
 from shardinfer.config import ModelConfig
 from shardinfer.models.rope import apply_rope, inverse_frequencies, rope_tables
-from shardinfer.models.weights import dense, dense_transposed, embed_rows, stacked, weight
+from shardinfer.models.weights import (
+    dense,
+    dense_transposed,
+    einsum_f32,
+    embed_rows,
+    stacked,
+    weight,
+)
 from shardinfer.sharding import Sharder
 
 NEG_INF = -1e30
@@ -88,12 +95,11 @@ class Attention(nnx.Module):
         # Scores [B, kv_heads, groups, T, S] and the softmax in float32 whatever the compute
         # dtype. The cached and the new keys are two score blocks sharing one softmax, rather
         # than one concatenation (which would copy the whole cache every layer).
-        f32 = jnp.float32
-        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=f32)
+        scores = einsum_f32("btkgd,bksd->bkgts", q, k)
         allowed = _visible(positions[:, :, None], positions[:, None, :], cfg.sliding_window)
         blocks = [(jnp.where(allowed[:, None, None], scores, NEG_INF), v)]
         if cache is not None:
-            cached = jnp.einsum("btkgd,bkds->bkgts", q, cache.k, preferred_element_type=f32)
+            cached = einsum_f32("btkgd,bkds->bkgts", q, cache.k)
             slot_pos = jnp.arange(cache.v.shape[2])[None, None, :]
             seen = slot_pos < positions[:, :1, None]  # only what earlier steps wrote
             seen &= _visible(positions[:, :, None], slot_pos, cfg.sliding_window)
@@ -103,8 +109,7 @@ class Attention(nnx.Module):
         total = sum(p.sum(-1, keepdims=True) for p in exps)
         # Normalized before the cast to the compute dtype, as a plain softmax would be.
         out = sum(
-            jnp.einsum("bkgts,bksd->bkgtd", (p / total).astype(v.dtype), values,
-                       preferred_element_type=f32)
+            einsum_f32("bkgts,bksd->bkgtd", (p / total).astype(v.dtype), values)
             for p, (_, values) in zip(exps, blocks, strict=True)
         )  # fmt: skip
         out = out.astype(v.dtype)  # [B, kv, groups, T, D]

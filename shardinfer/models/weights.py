@@ -87,6 +87,17 @@ def dense(x: jax.Array, w, contract: int = 1, out_dtype=None) -> jax.Array:
     return y.astype(out_dtype or x.dtype).reshape(*lead, *n_shape)
 
 
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulating in float32 (the attention's batched matmuls).
+
+    XLA:CPU has no batched bfloat16 x bfloat16 -> float32 dot ("Unsupported element type for
+    DotThunk"), so there the operands are upcast first: exact, as a product of two bfloat16
+    values fits in float32, so only the summation order can differ."""
+    if jax.default_backend() == "cpu":
+        a, b = (x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in (a, b))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def dense_transposed(x: jax.Array, w, out_dtype=None) -> jax.Array:
     """x [..., E] against a (rows, E) table -> [..., rows]: the tied or untied lm_head."""
     values = w.q[...] if isinstance(w, Int8Weight) else w[...]

@@ -75,7 +75,7 @@ class Engine:
         # attention's reads before the in-place write.
         self._decode = jax.jit(decode)
         self._write = jax.jit(write_at, donate_argnums=(0,))
-        self._resize = jax.jit(resize, static_argnums=(1,), donate_argnums=(0,))
+        self._resize = jax.jit(resize, static_argnums=(1,))  # a new shape: nothing to donate
         self.capacity = min(DECODE_MIN_CACHE, max_seq_len)
         stacked = model.layer_loop == "scan"
         cfg, sharder = model.config, model.sharder

@@ -74,9 +74,19 @@ def test_models_health_metrics(server, client):
     assert json.loads(urllib.request.urlopen(base + "/health").read()) == {"status": "ok"}
     text = urllib.request.urlopen(base + "/metrics").read().decode()
     assert (
-        "shardinfer_tokens_generated" in text and 'shardinfer_live_slots{replica="0"} 0.0' in text
+        "shardinfer_generated_tokens_total" in text
+        and 'shardinfer_live_slots{replica="0"} 0.0' in text
     )
     assert "shardinfer_ttft_seconds_bucket" in text and "shardinfer_inter_token_seconds" in text
+
+
+def _metric(base: str, name: str, **labels: str) -> float:
+    """One sample from /metrics (0 when the labelled series does not exist yet)."""
+    text = urllib.request.urlopen(base + "/metrics").read().decode()
+    for found in re.finditer(rf"^{name}{{(.*)}} (\S+)$", text, re.M):
+        if dict(re.findall(r'(\w+)="([^"]*)"', found.group(1))) == labels:
+            return float(found.group(2))
+    return 0.0
 
 
 def _post(base, path, body: bytes, content_type="application/json"):
@@ -116,18 +126,24 @@ def test_wrong_content_type(server):
 
 def test_disconnect_frees_the_slot(server):
     llm, engine, base, _ = server
+    aborted = _metric(base, "shardinfer_requests_total", outcome="abort", replica="0")
+    tokens_before = llm.metrics.tokens_generated
     body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200,
                        "stream": True, "temperature": 0}).encode()  # fmt: skip
     request = urllib.request.Request(base + "/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})  # fmt: skip
     response = urllib.request.urlopen(request)
     response.readline()  # the first event: the request holds a slot now
-    assert llm.metrics.live_slots == 1
+    assert _metric(base, "shardinfer_live_slots", replica="0") == 1
     response.close()  # the client goes away mid-stream
     deadline = time.time() + 20
-    while llm.metrics.live_slots and time.time() < deadline:
+    while _metric(base, "shardinfer_live_slots", replica="0") and time.time() < deadline:
         time.sleep(0.1)
-    assert llm.metrics.live_slots == 0 and not engine.busy()
+    # Seen from outside: the slot is free and the request counted as aborted, long before the
+    # 200 tokens it asked for could have been generated.
+    assert _metric(base, "shardinfer_live_slots", replica="0") == 0 and not engine.busy()
+    assert _metric(base, "shardinfer_requests_total", outcome="abort", replica="0") == aborted + 1
+    assert llm.metrics.tokens_generated < 200 + tokens_before
 
 
 def test_48_concurrent_streams_all_complete(server):
@@ -135,6 +151,14 @@ def test_48_concurrent_streams_all_complete(server):
 
     llm, engine, base, _ = server
     before = llm.metrics.requests_finished
+
+    def served() -> dict[str, float]:
+        return {
+            outcome: _metric(base, "shardinfer_requests_total", outcome=outcome, replica="0")
+            for outcome in ("stop", "length", "abort", "error")
+        } | {"tokens": _metric(base, "shardinfer_generated_tokens_total", replica="0")}
+
+    served_before = served()
     prompts = [f"Count to {i}:" for i in range(48)]
 
     async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None, int]:
@@ -157,12 +181,13 @@ def test_48_concurrent_streams_all_complete(server):
     results = asyncio.run(all_of_them())
     assert all(reason in ("stop", "length") for _, reason, _ in results)
     assert all(0 < usage <= 6 for _, _, usage in results)
-    assert llm.metrics.requests_finished == before + 48
-    text = urllib.request.urlopen(base + "/metrics").read().decode()
-    finished = float(
-        re.search(r'^shardinfer_requests_finished{replica="0"} (\S+)$', text, re.M).group(1)
-    )
-    assert finished == llm.metrics.requests_finished and not engine.busy()
+    assert llm.metrics.requests_finished == before + 48 and not engine.busy()
+    # /metrics agrees with what the clients saw: outcomes one by one, and the token count.
+    delta = {k: v - served_before[k] for k, v in served().items()}
+    reasons = [reason for _, reason, _ in results]
+    assert delta["stop"] == reasons.count("stop") and delta["length"] == reasons.count("length")
+    assert delta["abort"] == delta["error"] == 0
+    assert delta["tokens"] == sum(usage for _, _, usage in results)
 
 
 class _FullEngine:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # Seconds; CPU first tokens take 0.05-2 s, accelerator inter-token gaps ~5-50 ms.
@@ -55,23 +55,25 @@ class _EngineCollector(Collector):
     def __init__(self, engines: Callable[[], list]):
         self.engines = engines
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         gauges = {
             "live_slots": ("Decode slots in use.", lambda e: e.metrics.live_slots),
             "slots": ("Decode slots.", lambda e: e.metrics.slots),
             "queue_length": ("Requests waiting for a slot.", lambda e: e.waiting()),
             "outstanding_tokens": ("Tokens still to generate for requests queued or in slots "
                                    "(what routing balances).", lambda e: e.load()),
-            "requests_finished": ("Requests finished (any reason).",
-                                  lambda e: e.metrics.requests_finished),
-            "tokens_generated": ("Tokens generated.", lambda e: e.metrics.tokens_generated),
+        }  # fmt: skip
+        # Running totals kept by the engines themselves (requests and generated tokens are the
+        # server's own counters above, so they are not repeated here).
+        counters = {
             "prefill_tokens": ("Prompt tokens prefilled.", lambda e: e.metrics.prefill_tokens),
             "compilations": ("Jitted programs lowered since start.",
                              lambda e: e.metrics.compilations),
         }  # fmt: skip
         engines = self.engines()
-        for name, (doc, read) in gauges.items():
-            family = GaugeMetricFamily(f"shardinfer_{name}", doc, labels=["replica"])
-            for engine in engines:
-                family.add_metric([engine.replica], float(read(engine)))
-            yield family
+        for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, (doc, read) in table.items():
+                family = kind(f"shardinfer_{name}", doc, labels=["replica"])
+                for engine in engines:
+                    family.add_metric([engine.replica], float(read(engine)))
+                yield family

@@ -111,12 +111,34 @@ def _post(base, path, body: bytes, content_type="application/json"):
          "temperature"),
         (json.dumps({"model": MODEL, "prompt": "word " * 300}).encode(), 400, "max_seq_len"),
         (json.dumps({"model": MODEL}).encode(), 400, "prompt"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 100_000}).encode(), 400,
+         "max_seq_len"),
+        (json.dumps({"model": MODEL, "prompt": "x" * (2 << 20)}).encode(), 413, "bytes"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_errors(server, body, status, words):
     code, reply = _post(server[2], "/v1/completions", body)
     assert code == status
     assert words in reply["error"]["message"].lower() and reply["error"]["code"] == status
+
+
+def test_body_limit_holds_without_content_length(server):
+    """A chunked upload has no Content-Length to check up front; the limit must hold anyway."""
+
+    def chunks():
+        yield b'{"model": "%s", "prompt": "' % MODEL.encode()
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}'
+
+    import http.client
+
+    host, port = server[2].removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"Content-Type": "application/json"}
+    connection.request("POST", "/v1/completions", chunks(), headers, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413 and "bytes" in json.loads(response.read())["error"]["message"]
 
 
 def test_wrong_content_type(server):

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +26,35 @@ from shardinfer.serving.async_engine import AsyncEngine, Event, Handle, QueueFul
 from shardinfer.serving.prometheus import ServingMetrics
 
 MAX_BODY_BYTES = 1 << 20
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, f"request body over {MAX_BODY_BYTES} bytes")
+
+
+class _BodyLimit:
+    """Counts the bytes a request body actually brings, so a chunked upload (which has no
+    Content-Length to check up front) cannot get past the limit or fill memory."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge()  # an HTTPException: FastAPI passes it to our handler
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class _Sampling(BaseModel):
@@ -78,6 +107,13 @@ def create_app(
     def refused(outcome: str) -> None:
         observer.requests.labels(replica="", outcome=outcome).inc()
 
+    app.add_middleware(_BodyLimit)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def _too_large(_: Request, exc: _BodyTooLarge):
+        refused("invalid")
+        return _error(413, exc.detail)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         problems = "; ".join(
@@ -94,6 +130,7 @@ def create_app(
         if api_key and request.url.path.startswith("/v1/") and not authorized:
             return _error(401, "missing or wrong API key", "authentication_error")
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            refused("invalid")
             return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
         if request.method == "POST" and not request.headers.get("content-type", "").startswith(
             "application/json"
@@ -131,6 +168,15 @@ def create_app(
             refused("invalid")
             raise _Refused(404, f"model {body.model!r} does not exist; this server has "
                                 f"{model_name!r}", "not_found_error")  # fmt: skip
+        room = engine.llm.max_seq_len - len(prompt_ids)
+        if max_tokens is not None and room > 0 and max_tokens > room:
+            # As vLLM does: asking for more than fits is an error, not a silent cut.
+            refused("invalid")
+            raise _Refused(400, f"max_tokens={max_tokens} with a {len(prompt_ids)}-token prompt "
+                                f"exceeds max_seq_len={engine.llm.max_seq_len}; ask for at most "
+                                f"{room}")  # fmt: skip
+        if max_tokens is None and room > 0:
+            max_tokens = min(default_max_tokens, room)
         try:
             return engine.submit(prompt_ids, _params(body, max_tokens))
         except QueueFull as e:

@@ -109,3 +109,28 @@ def test_truncated_gguf_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:-5000])
     with pytest.raises(ValueError, match="runs past the end"):
         si.load_model(path)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_dequantize_equals_the_gguf_package(qtype):
+    """Our vectorized dequantization against the reference implementation, bit for bit."""
+    from shardinfer.weights.gguf_quants import dequantize
+
+    values = np.random.default_rng(0).normal(size=(6, 96)).astype(np.float32) * 3
+    raw = gguf.quants.quantize(values, qtype)
+    raw = raw.view(np.uint8).reshape(values.shape[0], -1)  # rows of bytes, as stored in a file
+    expected = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+    np.testing.assert_array_equal(dequantize(raw, qtype.name), expected)
+
+
+def test_default_model_dequantizes_like_the_gguf_package():
+    from shardinfer.weights.gguf_file import GGUFFile
+    from shardinfer.weights.gguf_reader import tensor_bytes
+    from shardinfer.weights.registry import resolve_registry_name
+
+    f = GGUFFile(resolve_registry_name("smollm2-135m-instruct"))
+    for name in ("model.embed_tokens.weight", "model.layers.3.mlp.down_proj.weight"):
+        info = f._tensors[name]
+        qtype, raw = tensor_bytes(f._mmap, f._contents, info, f.path)
+        expected = gguf.quants.dequantize(raw, qtype)
+        np.testing.assert_array_equal(f.get(name), expected, err_msg=f"{name} ({qtype.name})")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from shardinfer.config import ModelConfig, RopeScaling
+from shardinfer.weights.gguf_quants import dequantize
 from shardinfer.weights.gguf_reader import read_gguf, tensor_bytes
 
 # GGUF tensor name (inside blk.N.) -> Hugging Face name (inside model.layers.N.)
@@ -105,8 +106,6 @@ class GGUFFile:
         return name in self._tensors
 
     def get(self, name: str) -> np.ndarray:
-        from gguf.quants import dequantize  # imported here: only GGUF users pay for it
-
         t = self._tensors[name]
         qtype, raw = tensor_bytes(self._mmap, self._contents, t, self.path)
         if qtype.name not in _SUPPORTED_TYPES:
@@ -114,7 +113,7 @@ class GGUFFile:
                 f"{self.path}: tensor {t.name!r} is {qtype.name}; supported: "
                 f"{', '.join(sorted(_SUPPORTED_TYPES))}"
             )
-        w = np.asarray(dequantize(raw, qtype), dtype=np.float32)
+        w = dequantize(raw, qtype.name)
         if self.arch == "llama" and name.endswith("q_proj.weight"):
             w = _unpermute(w, self.config.num_heads)
         elif self.arch == "llama" and name.endswith("k_proj.weight"):

@@ -80,7 +80,7 @@ def load_params(
         what = ".".join(map(str, path))
         sharding = sharder.sharding(var.logical_axes, shape, what)
         array = jax.make_array_from_callback(
-            shape, sharding, lambda index: np.asarray(ours[index]).astype(target_dtype)
+            shape, sharding, lambda index: np.asarray(ours[index]).astype(target_dtype, copy=False)
         )
         return var.replace(array)
 

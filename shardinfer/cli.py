@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all on data)")
         cmd.add_argument("--host-devices", type=int, default=None, help="simulate N CPU devices")
         cmd.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
-        cmd.add_argument("--quantize", default=None, choices=["int8"], help="weight quantization")
+        cmd.add_argument("--quantize", default=None, choices=["int8", "w8a8"],
+                         help="int8 weights (w8a8: and int8 activations in the matmuls)")  # fmt: skip
         cmd.add_argument(
             "--layer-loop",
             default=None,
@@ -94,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--mesh", default=None, help="the mesh to shard while converting")
     conv.add_argument("--host-devices", type=int, default=None)
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
-    conv.add_argument("--quantize", default=None, choices=["int8"], help="store int8 weights")
+    conv.add_argument("--quantize", default=None, choices=["int8", "w8a8"],
+                      help="store int8 weights")  # fmt: skip
 
     info = sub.add_parser("info", help="devices, processes, version")
     info.add_argument("--host-devices", type=int, default=None)

@@ -18,7 +18,7 @@ from shardinfer.config import ModelConfig
 from shardinfer.mesh import MeshSpec, make_mesh
 from shardinfer.models.layer_forms import convert_layers
 from shardinfer.models.llama import LAYER_LOOPS, Llama
-from shardinfer.models.weights import QUANTIZE_MODES
+from shardinfer.models.weights import INT8_MODES, QUANTIZE_MODES
 from shardinfer.sharding import Sharder, ShardingRules
 from shardinfer.weights.gguf_file import GGUFFile
 from shardinfer.weights.hf import SafetensorsDirectory, read_hf_config
@@ -74,7 +74,7 @@ class Model:
     dtype: jnp.dtype
     tokenizer: Tokenizer | None = None
     source: str = ""
-    quantize: str | None = None  # None or "int8" (per-channel weights, see models/weights.py)
+    quantize: str | None = None  # None, "int8" or "w8a8" (see models/weights.py)
     layer_loop: str = "scan"  # how the layers run, and the form `state` holds them in
 
     def __post_init__(self) -> None:
@@ -161,7 +161,7 @@ def abstract_model(
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """Shapes, dtypes and logical axes of every parameter; no memory is allocated."""
     if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8")
+        raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8, w8a8")
     abstract = nnx.eval_shape(lambda: Llama(config, sharder, dtype, None, quantize, layer_loop))
     return nnx.split(abstract)
 
@@ -208,11 +208,13 @@ def load_model(
     path = resolve_registry_name(str(source)) or Path(source)
     if path.is_dir() and is_checkpoint(path):
         config, stored = read_checkpoint_config(path)
-        if quantize is not None and quantize != stored:
+        same_arrays = stored in INT8_MODES and quantize in INT8_MODES  # only the matmul differs
+        if quantize is not None and quantize != stored and not same_arrays:
             raise ValueError(
                 f"{path} stores quantize={stored!r} weights; load it without quantize=, or "
                 f"convert the original checkpoint with quantize={quantize!r}"
             )
+        stored = quantize or stored
         _, on_disk = abstract_model(config, sharder, dtype, stored, "scan")
         state = restore_params(path, on_disk, param_shardings(on_disk, sharder))
         graphdef, abstract = abstract_model(config, sharder, dtype, stored, loop)

@@ -14,7 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-QUANTIZE_MODES = (None, "int8")
+# "int8": int8 weights, float activations (the weight is upcast inside the matmul).
+# "w8a8": the same int8 weights, and activations quantized per token: int8 x int8 dots.
+QUANTIZE_MODES = (None, "int8", "w8a8")
+INT8_MODES = ("int8", "w8a8")
 
 
 def quantize_int8(w, contract: tuple[int, ...]):
@@ -27,7 +30,10 @@ def quantize_int8(w, contract: tuple[int, ...]):
 
 
 class Int8Weight(nnx.Module):
-    def __init__(self, value, axes: tuple[str, ...], contract: tuple[int, ...]):
+    def __init__(
+        self, value, axes: tuple[str, ...], contract: tuple[int, ...], int8_activations=False
+    ):
+        self.int8_activations = int8_activations  # static: part of the graph, not the state
         q, scale = quantize_int8(value, contract)
         kept = tuple(a for i, a in enumerate(axes) if i not in contract)
         self.q = nnx.Param(q, logical_axes=axes, contract=contract)
@@ -61,10 +67,10 @@ def weight(
         value = jnp.zeros(shape, jnp.float32)
     else:
         value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
-    if quantize == "int8":
-        return Int8Weight(value, axes, contract)
+    if quantize in INT8_MODES:
+        return Int8Weight(value, axes, contract, int8_activations=quantize == "w8a8")
     if quantize is not None:
-        raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8")
+        raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8, w8a8")
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
@@ -80,11 +86,33 @@ def dense(x: jax.Array, w, contract: int = 1, out_dtype=None) -> jax.Array:
     k_shape, n_shape = values.shape[:contract], values.shape[contract:]
     lead = x.shape[: x.ndim - contract]
     x2 = x.reshape(*lead, math.prod(k_shape))
+    if isinstance(w, Int8Weight) and w.int8_activations:
+        y = int8_matmul(x2.reshape(-1, x2.shape[-1]), values.reshape(math.prod(k_shape), -1))
+        y = y * w.scale[...].reshape(-1)
+        return y.astype(out_dtype or x.dtype).reshape(*lead, *n_shape)
     w2 = values.reshape(math.prod(k_shape), math.prod(n_shape)).astype(x.dtype)
     y = jnp.dot(x2, w2, preferred_element_type=jnp.float32)
     if isinstance(w, Int8Weight):
         y = y * w.scale[...].reshape(-1)
     return y.astype(out_dtype or x.dtype).reshape(*lead, *n_shape)
+
+
+def int8_matmul(x: jax.Array, q: jax.Array, transposed: bool = False) -> jax.Array:
+    """x [M, K] float against int8 q [K, N] (or [N, K] when transposed) -> float32 [M, N] in
+    int8 x int8 -> int32: x is quantized per row (symmetric, dynamic), the output rescaled.
+
+    On this project's AVX2 CPU the int8 dot is ~1.5x faster than float32 from 8 rows on, but
+    XLA:CPU runs a single row through a path ~10x slower, hence the padding to 2 rows."""
+    rows = x.shape[0]
+    if rows == 1:
+        x = jnp.pad(x, ((0, 1), (0, 0)))
+    x = x.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    xq = jnp.round(x / scale).astype(jnp.int8)
+    dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+    y = jax.lax.dot_general(xq, q, dims, preferred_element_type=jnp.int32)
+    return (y.astype(jnp.float32) * scale)[:rows]
 
 
 def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -101,6 +129,10 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 def dense_transposed(x: jax.Array, w, out_dtype=None) -> jax.Array:
     """x [..., E] against a (rows, E) table -> [..., rows]: the tied or untied lm_head."""
     values = w.q[...] if isinstance(w, Int8Weight) else w[...]
+    if isinstance(w, Int8Weight) and w.int8_activations:
+        lead = x.shape[:-1]
+        y = int8_matmul(x.reshape(-1, x.shape[-1]), values, transposed=True) * w.scale[...]
+        return y.astype(out_dtype or x.dtype).reshape(*lead, -1)
     y = jnp.einsum("...e,ve->...v", x, values.astype(x.dtype), preferred_element_type=jnp.float32)
     if isinstance(w, Int8Weight):
         y = y * w.scale[...]

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--host-devices", type=int, default=None, help="simulate N CPU devices")
         cmd.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
         cmd.add_argument("--quantize", default=None, choices=["int8", "w8a8"],
-                         help="int8 weights (w8a8: and int8 activations in the matmuls)")  # fmt: skip
+                         help="int8 weights (w8a8: int8 activations too)")  # fmt: skip
         cmd.add_argument(
             "--layer-loop",
             default=None,

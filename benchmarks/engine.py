@@ -1,4 +1,5 @@
-"""Engines side by side: shardinfer (float32, bfloat16, int8) vs HF transformers vs llama.cpp.
+"""Engines side by side: shardinfer (float32, bfloat16, int8, w8a8) vs HF transformers vs
+llama.cpp.
 
 One run measures, on one chat prompt and the same GGUF file: greedy decode tok/s per batch size
 and time to first token (TTFT) for a 32- and a 512-token prompt per engine and dtype; the
@@ -38,7 +39,8 @@ from decode import (
     timed,
 )
 
-SHARDINFER_DTYPES = ("float32", "bfloat16", "int8")  # int8: int8 weights, float32 activations
+# int8: int8 weights, float32 activations; w8a8: int8 weights and activations (int8 dots).
+SHARDINFER_DTYPES = ("float32", "bfloat16", "int8", "w8a8")
 HF_DTYPES = ("float32", "bfloat16")
 TTFT_LENGTHS = (32, 512)
 MESHES = ("1 device", "data=8", "model=8", "data=2,model=4")
@@ -114,7 +116,7 @@ def bench_shardinfer(
 
     # "1 device" among 8 simulated ones: the same process setup as the sharded meshes.
     spec = si.make_mesh(None, devices=jax.devices()[:1]) if mesh == "1 device" else mesh
-    quantize = "int8" if dtype == "int8" else None
+    quantize = dtype if dtype in ("int8", "w8a8") else None
     load_s, model = timed(
         lambda: si.load_model(
             MODEL, mesh=spec, dtype="float32" if quantize else dtype, quantize=quantize

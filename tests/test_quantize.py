@@ -33,9 +33,15 @@ def test_int8_shardings_and_roundtrip(tiny_llama, tmp_path):
     assert sum(x.dtype == np.int8 for x in leaves) == 7 + 2  # 7 stacked matmuls, 2 tables
     tokens = np.arange(20).reshape(2, 10)
     model.save(tmp_path / "q")
+    expected = model.logits(tokens)
+    same_mesh = si.load_model(tmp_path / "q", mesh="data=2,model=4", layer_loop="scan")
+    np.testing.assert_array_equal(same_mesh.logits(tokens), expected)  # the very same weights
     again = si.load_model(tmp_path / "q", mesh="model=8")
     assert again.quantize == "int8"
-    np.testing.assert_allclose(again.logits(tokens), model.logits(tokens), atol=1e-5)
+    # Another mesh (and the unrolled layer loop) sums in another order; on CPU the int8 dots
+    # round their inputs, which can turn a float32-sized difference into one step of the
+    # input's second int8 digit (3e-5 of the row's largest value), and that grows over layers.
+    np.testing.assert_allclose(again.logits(tokens), expected, atol=1e-3)
     with pytest.raises(ValueError, match="stores quantize=None"):
         si.load_model(_float_checkpoint(tiny_llama, tmp_path), quantize="int8")
 

@@ -159,6 +159,14 @@ class Block(nnx.Module):
         return x, kv
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _run_block(graphdef, params, x, positions, rope, cache):
+    """One unrolled layer. Every layer has the same graphdef and shapes, so this is traced and
+    lowered once and called L times (XLA inlines the calls, so the compiled program is the
+    same as a loop written out): a start no longer traces L copies of a layer (~25 ms each)."""
+    return nnx.merge(graphdef, params)(x, positions, rope, cache)
+
+
 class Llama(nnx.Module):
     def __init__(
         self,
@@ -201,7 +209,8 @@ class Llama(nnx.Module):
             new_kv = []
             for i, block in enumerate(self.layers):
                 layer_cache = None if cache is None else cache[i]
-                x, kv = block(x, positions, rope, visible_cache(layer_cache))
+                graphdef, params = nnx.split(block)
+                x, kv = _run_block(graphdef, params, x, positions, rope, visible_cache(layer_cache))
                 x = self.sharder.constrain(x, edge)
                 new_kv.append(kv)
             return self.norm(x), new_kv

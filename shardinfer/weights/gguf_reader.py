@@ -2,11 +2,12 @@
 
 The `gguf` package's reader builds a numpy view for every part of every metadata field
 (about a million for a 49k-token vocabulary, ~8 s); parsing the header with `struct` takes a
-fraction of a second. Dequantization still uses the `gguf` package.
+fraction of a second. Dequantization is in gguf_quants.py.
 """
 
 from __future__ import annotations
 
+import codecs
 import math
 import struct
 from pathlib import Path
@@ -19,6 +20,7 @@ _SCALARS = {  # GGUF value type -> struct format
     12: "<d",
 }  # fmt: skip
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 class TensorInfo(NamedTuple):
@@ -49,6 +51,17 @@ class _Cursor:
         self.pos += n
         return value
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary, merges): the tight loop of a warm start."""
+        buf, pos, length, decode = self.buf, self.pos, _U64.unpack_from, codecs.utf_8_decode
+        out = []
+        for _ in range(count):
+            (n,) = length(buf, pos)
+            out.append(decode(buf[pos + 8 : pos + 8 + n], "replace", True)[0])
+            pos += 8 + n
+        self.pos = pos
+        return out
+
     def value(self, type_id: int):
         if type_id == _STRING:
             return self.string()
@@ -59,6 +72,8 @@ class _Cursor:
                 out = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
                 self.pos += dtype.itemsize * count
                 return out
+            if item_type == _STRING:
+                return self.strings(count)
             return [self.value(item_type) for _ in range(count)]
         if type_id not in _SCALARS:
             raise ValueError(f"unknown GGUF value type {type_id}")

@@ -108,3 +108,25 @@ def test_bfloat16_weights_and_activations(tiny_llama):
     assert got.dtype == np.float32  # logits always come back in float32
     assert np.abs(got - full).max() < 0.05 * np.abs(full).max()
     assert (got.argmax(-1) == full.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_int8_matmul_digits(rows, transposed):
+    """Two int8 digits carry the input to ~1.5e-5 of each row's largest value (the CPU path of
+    quantize="int8"); one digit (w8a8) to ~0.4%. One row takes the same path as many."""
+    import jax.numpy as jnp
+
+    from shardinfer.models.weights import int8_matmul
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 64)).astype(np.float32) * np.linspace(0.1, 10, 64, dtype=np.float32)
+    q = rng.integers(-127, 128, size=(64, 48), dtype=np.int8)
+    w = q.T if transposed else q
+    exact = x.astype(np.float64) @ q.astype(np.float64)
+    bound = np.abs(x).max(-1, keepdims=True) * np.abs(q).sum(0)  # |x|max * sum|q| per output
+    two = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), transposed, residual=True))
+    one = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), transposed, residual=False))
+    assert np.all(np.abs(two - exact) <= bound * 1.6e-5)
+    assert np.all(np.abs(one - exact) <= bound * (0.5 / 127) * 1.001)
+    assert np.abs(one - exact).max() > 10 * np.abs(two - exact).max()

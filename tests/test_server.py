@@ -185,6 +185,28 @@ def test_disconnect_frees_the_slot(server):
     assert llm.metrics.tokens_generated < 200 + tokens_before
 
 
+def test_a_new_request_does_not_wait_for_a_long_one(server, client):
+    """Continuous batching seen from outside: while one request streams 200 tokens, a short
+    one is admitted, answered in full, and the long one is still going when it is."""
+    _, engine, base, _ = server
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200,
+                       "stream": True, "temperature": 0, "ignore_eos": True}).encode()  # fmt: skip
+    request = urllib.request.Request(base + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    long_stream = urllib.request.urlopen(request)
+    try:
+        long_stream.readline()  # its first token is out: it holds a slot
+        short = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=4,
+                                          temperature=0)  # fmt: skip
+        assert short.usage.completion_tokens == 4
+        assert _metric(base, "shardinfer_live_slots", replica="0") == 1  # the long one, still
+    finally:
+        long_stream.close()
+    deadline = time.time() + 20
+    while engine.busy() and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def test_48_concurrent_streams_all_complete(server):
     import asyncio
 

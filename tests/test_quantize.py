@@ -125,8 +125,8 @@ def test_int8_matmul_digits(rows, transposed):
     w = q.T if transposed else q
     exact = x.astype(np.float64) @ q.astype(np.float64)
     bound = np.abs(x).max(-1, keepdims=True) * np.abs(q).sum(0)  # |x|max * sum|q| per output
-    two = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), transposed, residual=True))
-    one = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), transposed, residual=False))
+    two = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), transposed, digits=2))
+    one = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(w), transposed, digits=1))
     assert np.all(np.abs(two - exact) <= bound * 1.6e-5)
     assert np.all(np.abs(one - exact) <= bound * (0.5 / 127) * 1.001)
     assert np.abs(one - exact).max() > 10 * np.abs(two - exact).max()

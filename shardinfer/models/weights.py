@@ -88,25 +88,51 @@ def dense(x: jax.Array, w, contract: int = 1, out_dtype=None) -> jax.Array:
     k_shape, n_shape = values.shape[:contract], values.shape[contract:]
     lead = x.shape[: x.ndim - contract]
     x2 = x.reshape(*lead, math.prod(k_shape))
-    if isinstance(w, Int8Weight) and _int8_dots(w) is not None:
-        y = int8_matmul(x2.reshape(-1, x2.shape[-1]), values.reshape(math.prod(k_shape), -1),
-                        residual=_int8_dots(w))  # fmt: skip
-        y = y * w.scale[...].reshape(-1)
-        return y.astype(out_dtype or x.dtype).reshape(*lead, *n_shape)
-    w2 = values.reshape(math.prod(k_shape), math.prod(n_shape)).astype(x.dtype)
-    y = jnp.dot(x2, w2, preferred_element_type=jnp.float32)
-    if isinstance(w, Int8Weight):
-        y = y * w.scale[...].reshape(-1)
+    w2 = values.reshape(math.prod(k_shape), math.prod(n_shape))
+    y = _matmul_f32(x2, w, w2, transposed=False)
     return y.astype(out_dtype or x.dtype).reshape(*lead, *n_shape)
 
 
-def int8_matmul(
-    x: jax.Array, q: jax.Array, transposed: bool = False, residual: bool = False
-) -> jax.Array:
+def dense_transposed(x: jax.Array, w, out_dtype=None) -> jax.Array:
+    """x [..., E] against a (rows, E) table -> [..., rows]: the tied or untied lm_head."""
+    values = w.q[...] if isinstance(w, Int8Weight) else w[...]
+    return _matmul_f32(x, w, values, transposed=True).astype(out_dtype or x.dtype)
+
+
+def _matmul_f32(x: jax.Array, w, values: jax.Array, transposed: bool) -> jax.Array:
+    """x [..., K] against w's 2-D `values` [K, N] ([N, K] when transposed) -> float32 [..., N],
+    times the per-output scale of an int8 weight."""
+    digits = _activation_digits(w)
+    if digits:
+        flat = int8_matmul(x.reshape(-1, x.shape[-1]), values, transposed, digits)
+        y = flat.reshape(*x.shape[:-1], -1)
+    else:
+        dims = (((x.ndim - 1,), (1 if transposed else 0,)), ((), ()))
+        y = jax.lax.dot_general(x, values.astype(x.dtype), dims,
+                                preferred_element_type=jnp.float32)  # fmt: skip
+    if isinstance(w, Int8Weight):
+        y = y * w.scale[...].reshape(-1)
+    return y
+
+
+def _activation_digits(w) -> int:
+    """In how many int8 digits per token an int8 weight's matmul takes its input: 0 for a
+    float matmul on the upcast weight (accelerators fuse the upcast into the dot, and any
+    float weight), 1 for w8a8, 2 for int8 on CPU (~1.5e-5 of the row's largest value, close to
+    float32). XLA:CPU does not fuse the upcast, and a separate pass over the weights made
+    int8 decode ~8x slower than float32."""
+    if not isinstance(w, Int8Weight):
+        return 0
+    if w.int8_activations:
+        return 1
+    return 2 if jax.default_backend() == "cpu" else 0
+
+
+def int8_matmul(x: jax.Array, q: jax.Array, transposed: bool = False, digits: int = 1) -> jax.Array:
     """x [M, K] float against int8 q [K, N] (or [N, K] when transposed) -> float32 [M, N] in
     int8 x int8 -> int32: x is quantized per row (symmetric, dynamic), the output rescaled.
 
-    With `residual`, the rounding error of x is quantized too (a second int8 digit, 254 steps
+    With digits=2, the rounding error of x is quantized too (a second int8 digit, 254 steps
     per step of the first) and goes through the same dot as extra rows: x is then carried to
     ~1.5e-5 of its row's largest value, close to float32 activations, for twice the rows.
 
@@ -118,26 +144,16 @@ def int8_matmul(
     scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
     coarse = jnp.round(x / scale)
     parts = [coarse]
-    if residual:
+    if digits == 2:
         parts.append(jnp.round((x / scale - coarse) * 254.0))
     elif rows == 1:
         parts.append(jnp.zeros_like(coarse))
     xq = jnp.concatenate(parts, axis=0).astype(jnp.int8)
     dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
     y = jax.lax.dot_general(xq, q, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
-    if residual:
+    if digits == 2:
         return (y[:rows] + y[rows:] * (1.0 / 254.0)) * scale
     return y[:rows] * scale
-
-
-def _int8_dots(w: Int8Weight) -> bool | None:
-    """How an int8 weight meets its input: None for a float32 matmul on the upcast weight
-    (accelerators fuse the upcast into the dot), else int8 dots with (False) or without
-    (True: two-digit activations) the activation rounding of w8a8. XLA:CPU does not fuse the
-    upcast, and a separate pass over the weights made int8 decode ~8x slower than float32."""
-    if w.int8_activations:
-        return False
-    return True if jax.default_backend() == "cpu" else None
 
 
 def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -149,19 +165,6 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     if jax.default_backend() == "cpu":
         a, b = (x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in (a, b))
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-
-
-def dense_transposed(x: jax.Array, w, out_dtype=None) -> jax.Array:
-    """x [..., E] against a (rows, E) table -> [..., rows]: the tied or untied lm_head."""
-    values = w.q[...] if isinstance(w, Int8Weight) else w[...]
-    if isinstance(w, Int8Weight) and _int8_dots(w) is not None:
-        lead = x.shape[:-1]
-        y = int8_matmul(x.reshape(-1, x.shape[-1]), values, True, _int8_dots(w)) * w.scale[...]
-        return y.astype(out_dtype or x.dtype).reshape(*lead, -1)
-    y = jnp.einsum("...e,ve->...v", x, values.astype(x.dtype), preferred_element_type=jnp.float32)
-    if isinstance(w, Int8Weight):
-        y = y * w.scale[...]
-    return y.astype(out_dtype or x.dtype)
 
 
 def embed_rows(w, tokens: jax.Array, dtype) -> jax.Array:

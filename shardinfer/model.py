@@ -214,14 +214,14 @@ def load_model(
                 f"{path} stores quantize={stored!r} weights; load it without quantize=, or "
                 f"convert the original checkpoint with quantize={quantize!r}"
             )
-        stored = quantize or stored
-        _, on_disk = abstract_model(config, sharder, dtype, stored, "scan")
+        mode = quantize or stored
+        _, on_disk = abstract_model(config, sharder, dtype, mode, "scan")
         state = restore_params(path, on_disk, param_shardings(on_disk, sharder))
-        graphdef, abstract = abstract_model(config, sharder, dtype, stored, loop)
+        graphdef, abstract = abstract_model(config, sharder, dtype, mode, loop)
         state = convert_layers(state, abstract, param_shardings(abstract, sharder))
         tokenizer = Tokenizer.from_hf_dir(path)
         src = str(source)
-        return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, src, stored, loop)
+        return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, src, mode, loop)
     if path.is_dir() and (path / "config.json").is_file():
         config = read_hf_config(path)
         tensors, tokenizer = SafetensorsDirectory(path), Tokenizer.from_hf_dir(path)

@@ -30,7 +30,7 @@ MAX_BODY_BYTES = 1 << 20
 
 class _BodyTooLarge(HTTPException):
     def __init__(self) -> None:
-        super().__init__(413, f"request body over {MAX_BODY_BYTES} bytes")
+        super().__init__(413)
 
 
 class _BodyLimit:
@@ -107,12 +107,15 @@ def create_app(
     def refused(outcome: str) -> None:
         observer.requests.labels(replica="", outcome=outcome).inc()
 
-    app.add_middleware(_BodyLimit)
+    def too_large() -> JSONResponse:
+        refused("invalid")
+        return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+
+    app.add_middleware(_BodyLimit)  # bodies without a Content-Length (chunked)
 
     @app.exception_handler(_BodyTooLarge)
-    async def _too_large(_: Request, exc: _BodyTooLarge):
-        refused("invalid")
-        return _error(413, exc.detail)
+    async def _too_large(_: Request, __: _BodyTooLarge):
+        return too_large()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
@@ -130,8 +133,7 @@ def create_app(
         if api_key and request.url.path.startswith("/v1/") and not authorized:
             return _error(401, "missing or wrong API key", "authentication_error")
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            refused("invalid")
-            return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+            return too_large()  # refused before a byte of the body is read
         if request.method == "POST" and not request.headers.get("content-type", "").startswith(
             "application/json"
         ):

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -150,25 +149,12 @@ def bench_hf(path: Path, ids: list[int], args: argparse.Namespace) -> tuple[list
     return results, nbytes
 
 
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 10) -> dict:
-    """Host read bandwidth: best of summing a float32 array, on 1 thread and on all cores.
+def read_bandwidth_gbs() -> dict:
+    """Host read bandwidth, by the same XLA-compiled sum as engine.py and `shardinfer bench`
+    (numpy's float32 sum, used here before, is partly compute-bound and read ~half)."""
+    from shardinfer.serving.bench import read_bandwidth_gbps
 
-    numpy's sum releases the GIL, so threads over disjoint slices read in parallel.
-    """
-    import numpy as np
-
-    data = np.ones(int(gib * 2**30) // 4, np.float32)
-    out = {}
-    for threads in sorted({1, os.cpu_count() or 1}):
-        parts = np.array_split(data, threads)
-        best = float("inf")
-        with ThreadPoolExecutor(threads) as pool:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                list(pool.map(np.sum, parts))
-                best = min(best, time.perf_counter() - start)
-        out[f"{threads}_threads"] = data.nbytes / best / 1e9
-    return out
+    return {"xla_sum": read_bandwidth_gbps()}
 
 
 def git_revision() -> str:

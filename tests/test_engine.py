@@ -81,6 +81,27 @@ def test_metrics(llm):
     assert summary["tokens_per_second"] > 0 and summary["ttft_median_s"] > 0
 
 
+def test_first_token_is_handed_out_before_any_decode_step(llm):
+    """A step that admits returns at once (the first token does not wait for a decode step),
+    and two admitting steps never come in a row (arrivals cannot starve running requests)."""
+    scheduler = llm.scheduler
+    greedy = si.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    first = llm.new_request([1, 2, 3], greedy)
+    scheduler.add(first)
+    steps = scheduler.metrics.decode_steps
+    assert scheduler.step() == [first]
+    assert len(first.output_ids) == 1 and scheduler.metrics.decode_steps == steps
+    second = llm.new_request([4, 5], greedy)
+    scheduler.add(second)  # waiting while `first` runs: the next step decodes
+    assert scheduler.step() == [first] and len(first.output_ids) == 2
+    assert scheduler.step() == [second] and len(first.output_ids) == 2
+    assert sorted(map(id, scheduler.step())) == sorted(map(id, [first, second]))
+    while scheduler.has_work():
+        scheduler.step()
+    alone = llm.generate([[4, 5]], greedy)[0]
+    assert second.output_ids == alone.token_ids
+
+
 def test_abandoned_run_frees_its_slot(llm):
     request = llm.new_request([1, 2, 3], si.SamplingParams(max_tokens=30, ignore_eos=True))
     steps = llm._run([request])

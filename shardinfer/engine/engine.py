@@ -119,12 +119,15 @@ class Engine:
         first, kv = self._prefill(self.model.state, tokens, lengths, padded.as_tuple())
         return [int(t) for t in np.asarray(first)[:n]], kv
 
-    def insert(self, kv: KVCache, slots: list[int]) -> None:
-        """Row i of a prefill's k/v into cache row slots[i]; rows beyond `slots` are padding."""
+    def insert(self, kv: KVCache, slots: list[int | None]) -> None:
+        """Row i of a prefill's k/v into cache row slots[i]; rows given None, and rows beyond
+        `slots` (padding), are dropped."""
         values = (kv[0] if isinstance(kv, list) else kv).v  # [(layers,) rows, kv, T, head_dim]
         rows = values.shape[-4]
         targets = np.full(rows, self.slots, np.int32)  # out of range: dropped
-        targets[: len(slots)] = slots
+        for row, slot in enumerate(slots):
+            if slot is not None:
+                targets[row] = slot
         self.cache = self._insert(self.cache, kv, targets)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, sampling: SamplingArrays):

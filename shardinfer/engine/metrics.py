@@ -51,6 +51,7 @@ class EngineMetrics:
     ttft_seconds: list[float] = dataclasses.field(default_factory=list)  # per finished request
     tpot_seconds: list[float] = dataclasses.field(default_factory=list)  # per finished request
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_at: float | None = None  # perf_counter() of this engine's first token (start-up)
 
     def __post_init__(self) -> None:
         self._compilations_at_start = compilations()

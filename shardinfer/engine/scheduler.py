@@ -1,8 +1,11 @@
 """The host side of continuous batching: a queue, the slots, and one `step` that serves all.
 
-Each step first admits waiting requests into free slots (prefill, then insert), then advances
-every live slot by one decode step. A finished request frees its slot at once and the next
-waiting request takes it in the following step while the others keep decoding.
+Each step either admits waiting requests into free slots (prefill, then insert) or advances
+every live slot by one decode step. A step that admits returns at once, so a new request's
+first token reaches its caller without waiting for a decode step (in a fresh process that
+step also loads the decode program); steps that admit never come twice in a row, so arrivals
+cannot starve the running requests. A finished request frees its slot at once and the next
+waiting request takes it while the others keep decoding.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Scheduler:
         self.positions = np.zeros(slots, np.int32)  # where that token goes in the cache
         self.sampling = SamplingArrays.for_rows([None] * slots)
         self.metrics = EngineMetrics(slots)
+        self._admitted_last_step = False
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -47,10 +51,12 @@ class Scheduler:
         return bool(self.waiting) or any(r is not None for r in self.running)
 
     def step(self) -> list[Request]:
-        """Admits what fits, decodes one token for every live slot; returns the touched requests."""
-        touched = self._admit()
+        """Admits what fits (then returns, unless the previous step admitted too), or decodes
+        one token for every live slot; returns the touched requests."""
+        touched = [] if self._admitted_last_step else self._admit()
+        self._admitted_last_step = bool(touched)
         live = [i for i, r in enumerate(self.running) if r is not None]
-        if live:
+        if live and not touched:
             new = self.engine.decode(self.tokens, self.positions, self.sampling)
             self.metrics.decode_steps += 1
             for i in live:
@@ -82,16 +88,22 @@ class Scheduler:
         requests = [r for r, _ in group]
         sampling = SamplingArrays.for_rows([r.params for r in requests])
         first, kv = self.engine.prefill([r.prompt_ids for r in requests], sampling)
-        self.engine.insert(kv, [slot for _, slot in group])
+        targets: list[int | None] = []  # the cache row of each prefilled row, None: not kept
         for i, ((request, slot), token) in enumerate(zip(group, first, strict=True)):
             self.metrics.prefill_tokens += len(request.prompt_ids)
             self.metrics.tokens_generated += 1
             request.append(token)
+            if self.metrics.first_token_at is None:
+                self.metrics.first_token_at = request.first_token_at
             if request.done:  # one token was all it needed: the slot is free again
                 self._finish(request, slot)
+                targets.append(None)
                 continue
+            targets.append(slot)
             self.tokens[slot], self.positions[slot] = token, len(request.prompt_ids)
             set_row(self.sampling, slot, sampling, i)
+        if any(t is not None for t in targets):
+            self.engine.insert(kv, targets)
         return requests
 
     def _free_slot(self) -> int | None:

@@ -31,6 +31,7 @@ from shardinfer.weights.orbax_io import (
 )
 from shardinfer.weights.registry import registry_names, resolve_registry_name
 from shardinfer.weights.tokenizer import Tokenizer
+from shardinfer.xla_options import step_compiler_options
 
 log = logging.getLogger("shardinfer")
 
@@ -78,7 +79,12 @@ class Model:
     layer_loop: str = "scan"  # how the layers run, and the form `state` holds them in
 
     def __post_init__(self) -> None:
-        self._logits_fn = jax.jit(partial(_full_logits, self.graphdef))
+        options = step_compiler_options(self.platform)
+        self._logits_fn = jax.jit(partial(_full_logits, self.graphdef), compiler_options=options)
+
+    @property
+    def platform(self) -> str:
+        return self.mesh.devices.flat[0].platform
 
     @property
     def data_size(self) -> int:

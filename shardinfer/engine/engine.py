@@ -7,6 +7,8 @@ The cache is owned here, passed into each step and donated, never hidden in the 
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from flax import nnx
 from shardinfer.engine.kv_cache import KVCache, init_cache, insert, resize, write_at
 from shardinfer.engine.sampling import SamplingArrays, sample
 from shardinfer.model import Model
+from shardinfer.xla_options import step_compiler_options
 
 MIN_BUCKET = 16
 # Requests that arrive together are prefilled together, up to this many rows at a time; a
@@ -68,14 +71,15 @@ class Engine:
             logits, new_kv = decode_logits(graphdef, state, cache, tokens, positions)
             return sample(logits, positions + 1, *sampling), new_kv
 
-        self._prefill = jax.jit(prefill)
-        self._insert = jax.jit(insert, donate_argnums=(0,))
+        jit = partial(jax.jit, compiler_options=step_compiler_options(model.platform))
+        self._prefill = jit(prefill)
+        self._insert = jit(insert, donate_argnums=(0,))
         # The step reads the cache and a second call writes the new k/v in place: in one
         # program, XLA:CPU copied the whole (donated) cache twice per step to order the
         # attention's reads before the in-place write.
-        self._decode = jax.jit(decode)
-        self._write = jax.jit(write_at, donate_argnums=(0,))
-        self._resize = jax.jit(resize, static_argnums=(1,))  # a new shape: nothing to donate
+        self._decode = jit(decode)
+        self._write = jit(write_at, donate_argnums=(0,))
+        self._resize = jit(resize, static_argnums=(1,))  # a new shape: nothing to donate
         self.capacity = min(DECODE_MIN_CACHE, max_seq_len)
         stacked = model.layer_loop == "scan"
         cfg, sharder = model.config, model.sharder

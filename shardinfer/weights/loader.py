@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import jax
@@ -36,14 +39,28 @@ def param_shardings(abstract_state: nnx.State, sharder: Sharder) -> nnx.State:
 
 
 def load_params(
-    abstract_state: nnx.State, sharder: Sharder, source: TensorSource, cfg: ModelConfig, dtype
+    abstract_state: nnx.State,
+    sharder: Sharder,
+    source: TensorSource,
+    cfg: ModelConfig,
+    dtype,
+    workers: int = 2,
+    prefetch_bytes: int = 512 * 2**20,
 ) -> nnx.State:
     """Each parameter read from `source` and placed so that every device gets only its slice.
 
-    The host holds one parameter at a time (for a stacked layer parameter, that tensor of every
-    layer). An int8 weight is quantized on the host from its float tensor, then placed.
+    `workers` threads read, dequantize, lay out and cut the host slices of the next parameters
+    (numpy releases the GIL for that work) while this thread places the current one on its
+    devices; they run at most `prefetch_bytes` ahead (and one parameter at least), so the host
+    holds a bounded part of the checkpoint. For a stacked layer parameter, a parameter is that
+    tensor of every layer. An int8 weight is quantized on the host from its float tensor.
     """
-    quantized: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # both halves of one weight
+    leaves = dict(nnx.to_flat_state(abstract_state))
+    # One task per checkpoint tensor: both halves of an int8 weight come from the same one.
+    tasks: dict[tuple, list[tuple]] = {}
+    for path, var in leaves.items():
+        key = path[:-1] if getattr(var, "contract", None) is not None else path
+        tasks.setdefault(key, []).append(path)
 
     def read_one(path: tuple) -> np.ndarray:
         ref = hf_tensor(path, cfg)
@@ -63,25 +80,65 @@ def load_params(
         # A stacked layer parameter: the same tensor of every layer, in order.
         return np.stack([read_one(("layers", i, *path[1:])) for i in range(cfg.num_layers)])
 
-    def one(path, var):
-        contract = getattr(var, "contract", None)
-        if contract is None:
-            ours, target_dtype = read(path), dtype
-        else:  # an Int8Weight's "q" or "scale": quantize the float tensor once for both
-            base = path[:-1]
-            if base not in quantized:
-                quantized[base] = quantize_int8(np.asarray(read(base), np.float32), contract)
-            q, scale = quantized[base]
-            if path[-1] == "scale":
-                del quantized[base]
-            ours = q if path[-1] == "q" else scale
-            target_dtype = ours.dtype
-        shape = var.get_value().shape
-        what = ".".join(map(str, path))
-        sharding = sharder.sharding(var.logical_axes, shape, what)
-        array = jax.make_array_from_callback(
-            shape, sharding, lambda index: np.asarray(ours[index]).astype(target_dtype, copy=False)
-        )
-        return var.replace(array)
+    def host_slices(key: tuple) -> dict[tuple, dict[tuple, np.ndarray]]:
+        """For each leaf of this task: its slice for every local device, keyed by index."""
+        paths = tasks[key]
+        if paths == [key]:
+            values = {key: (read(key), dtype)}
+        else:  # an Int8Weight: quantize the float tensor once for "q" and "scale"
+            contract = leaves[paths[0]].contract
+            q, scale = quantize_int8(np.asarray(read(key), np.float32), contract)
+            values = {(*key, "q"): (q, q.dtype), (*key, "scale"): (scale, scale.dtype)}
+        out = {}
+        for path, (array, target_dtype) in values.items():
+            indices = shardings[path].addressable_devices_indices_map(array.shape).values()
+            out[path] = {_index_key(i): _placeable(array[i], target_dtype) for i in indices}
+        return out
 
-    return nnx.map_state(one, abstract_state)
+    shardings = {
+        path: sharder.sharding(var.logical_axes, var.get_value().shape, ".".join(map(str, path)))
+        for path, var in leaves.items()
+    }
+    sizes = {key: sum(math.prod(leaves[p].get_value().shape) * 4 for p in paths)
+             for key, paths in tasks.items()}  # fmt: skip
+    placed: dict[tuple, jax.Array] = {}
+    order = list(tasks)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load") as pool:
+        pending: collections.deque = collections.deque()
+        ahead = submitted = 0
+        for key in order:
+            while submitted < len(order) and (not pending or ahead < prefetch_bytes):
+                next_key = order[submitted]
+                pending.append(pool.submit(host_slices, next_key))
+                ahead += sizes[next_key]
+                submitted += 1
+            for path, slices in pending.popleft().result().items():
+                var = leaves[path]
+                shape = var.get_value().shape
+                placed[path] = jax.make_array_from_callback(
+                    shape, shardings[path], lambda index, s=slices: s[_index_key(index)]
+                )
+            ahead -= sizes[key]
+    return nnx.map_state(lambda path, var: var.replace(placed[path]), abstract_state)
+
+
+def _index_key(index: tuple) -> tuple:
+    """A device's index (a tuple of slices, unhashable before Python 3.12) as a dict key."""
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+# XLA:CPU uses a host array in place, without copying it, when it starts on a 64-byte boundary
+# (numpy aligns large arrays to 16 bytes only). A copy of all weights was ~0.5 s of a load.
+_ALIGN = 64
+
+
+def _placeable(array: np.ndarray, dtype) -> np.ndarray:
+    """`array` in `dtype`, C-contiguous and 64-byte aligned: copied only when it is not."""
+    dtype = np.dtype(dtype)
+    if array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % _ALIGN == 0:
+        return array
+    raw = np.empty(array.nbytes // array.itemsize * dtype.itemsize + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    out = raw[start : start + raw.size - _ALIGN].view(dtype).reshape(array.shape)
+    out[...] = array
+    return out

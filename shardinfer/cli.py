@@ -12,6 +12,7 @@ from pathlib import Path
 # Importing jax is fine before --host-devices is applied: XLA reads the flag when the backend
 # starts (the first device query), not at import.
 from shardinfer.compile_cache import DEFAULT_CACHE_DIR
+from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR
 
 
 def _set_host_devices(n: int | None) -> None:
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             choices=["scan", "unrolled"],
             help="how layers run (default: unrolled on CPU, scan elsewhere)",
+        )
+        cmd.add_argument(
+            "--weight-cache",
+            default=os.environ.get("SHARDINFER_WEIGHT_CACHE", str(DEFAULT_WEIGHT_CACHE_DIR)),
+            help="directory for a GGUF file's dequantized weights ('none' to disable); "
+            "env SHARDINFER_WEIGHT_CACHE",
         )
         cmd.add_argument("-v", "--verbose", action="store_true", help="log sharding decisions")
         cmd.add_argument(
@@ -143,8 +150,9 @@ def _load_model(args: argparse.Namespace, mesh):
     """The --model with the options every model-running command shares."""
     import shardinfer as si
 
+    cache = None if args.weight_cache.lower() == "none" else args.weight_cache
     return si.load_model(args.model, mesh=mesh, dtype=args.dtype, quantize=args.quantize,
-                         layer_loop=args.layer_loop)  # fmt: skip
+                         layer_loop=args.layer_loop, weight_cache=cache)  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> None:

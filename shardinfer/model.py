@@ -22,6 +22,7 @@ from shardinfer.models.weights import INT8_MODES, QUANTIZE_MODES
 from shardinfer.sharding import Sharder, ShardingRules
 from shardinfer.weights.gguf_file import GGUFFile
 from shardinfer.weights.hf import SafetensorsDirectory, read_hf_config
+from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR, WeightCache
 from shardinfer.weights.loader import load_params, param_shardings
 from shardinfer.weights.orbax_io import (
     is_checkpoint,
@@ -203,10 +204,12 @@ def load_model(
     rules: ShardingRules | None = None,
     quantize: str | None = None,
     layer_loop: str | None = None,
+    weight_cache: str | Path | None = DEFAULT_WEIGHT_CACHE_DIR,
 ) -> Model:
     """Loads a registry name, a shardinfer checkpoint, a Hugging Face directory or a .gguf file
     straight into the shards of `mesh`. `layer_loop` ("scan" or "unrolled") is picked for the
-    platform when None."""
+    platform when None. A GGUF file's dequantized weights are kept under `weight_cache` (None:
+    not kept) and memory-mapped by the next load (weights/host_cache.py)."""
     mesh = as_mesh(mesh)
     platform = mesh.devices.flat[0].platform
     dtype, loop = resolve_dtype(dtype, platform), resolve_layer_loop(layer_loop, platform)
@@ -240,7 +243,12 @@ def load_model(
             "a shardinfer checkpoint, a Hugging Face directory with config.json, or a .gguf file"
         )
     graphdef, abstract = abstract_model(config, sharder, dtype, quantize, loop)
-    state = load_params(abstract, sharder, tensors, config, dtype)
+    cache = WeightCache(weight_cache) if weight_cache and isinstance(tensors, GGUFFile) else None
+    state = cache.load(path, abstract, sharder) if cache else None
+    if state is None:
+        state = load_params(abstract, sharder, tensors, config, dtype)
+        if cache:
+            cache.store(path, abstract, state)
     log.info("loaded %s: %s, %s, quantize=%s, %s layers", source, config.architecture, dtype,
              quantize, loop)  # fmt: skip
     src = str(source)

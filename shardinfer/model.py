@@ -80,7 +80,7 @@ class Model:
     layer_loop: str = "scan"  # how the layers run, and the form `state` holds them in
 
     def __post_init__(self) -> None:
-        options = step_compiler_options(self.platform)
+        options = step_compiler_options(self.platform, self.dtype, self.quantize)
         self._logits_fn = jax.jit(partial(_full_logits, self.graphdef), compiler_options=options)
 
     @property

@@ -71,7 +71,8 @@ class Engine:
             logits, new_kv = decode_logits(graphdef, state, cache, tokens, positions)
             return sample(logits, positions + 1, *sampling), new_kv
 
-        jit = partial(jax.jit, compiler_options=step_compiler_options(model.platform))
+        options = step_compiler_options(model.platform, model.dtype, model.quantize)
+        jit = partial(jax.jit, compiler_options=options)
         self._prefill = jit(prefill)
         self._insert = jit(insert, donate_argnums=(0,))
         # The step reads the cache and a second call writes the new k/v in place: in one

@@ -128,14 +128,17 @@ def _index_key(index: tuple) -> tuple:
 
 
 # XLA:CPU uses a host array in place, without copying it, when it starts on a 64-byte boundary
-# (numpy aligns large arrays to 16 bytes only). A copy of all weights was ~0.5 s of a load.
+# (numpy aligns large arrays to 16 bytes only): this saves a second copy of every weight.
 _ALIGN = 64
 
 
 def _placeable(array: np.ndarray, dtype) -> np.ndarray:
-    """`array` in `dtype`, C-contiguous and 64-byte aligned: copied only when it is not."""
+    """`array` in `dtype`, C-contiguous and 64-byte aligned: copied only when it is not, or
+    when it is read-only (a view of the user's memory-mapped checkpoint file, which the
+    device array would otherwise keep using)."""
     dtype = np.dtype(dtype)
-    if array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % _ALIGN == 0:
+    ready = array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+    if ready and array.ctypes.data % _ALIGN == 0:
         return array
     raw = np.empty(array.nbytes // array.itemsize * dtype.itemsize + _ALIGN, np.uint8)
     start = -raw.ctypes.data % _ALIGN

@@ -47,26 +47,29 @@ class WeightCache:
     def __init__(self, directory: str | Path = DEFAULT_WEIGHT_CACHE_DIR):
         self.directory = Path(directory).expanduser()
 
-    def _files(self, source: Path, leaves: list) -> tuple[Path, Path]:
+    def _files(self, source: Path, leaves: list) -> tuple[Path, Path, dict]:
+        """The entry's data and index files, and the source file's identity."""
         stat = source.stat()
-        identity = [FORMAT, str(source.resolve()), stat.st_size, stat.st_mtime_ns, leaves]
-        key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
-        return self.directory / f"{key}.bin", self.directory / f"{key}.json"
+        origin = {"source": str(source.resolve()), "size": stat.st_size,
+                  "mtime_ns": stat.st_mtime_ns}  # fmt: skip
+        key = hashlib.sha256(json.dumps([FORMAT, origin, leaves]).encode()).hexdigest()[:32]
+        return self.directory / f"{key}.bin", self.directory / f"{key}.json", origin
 
     def load(self, source: Path, abstract_state: nnx.State, sharder: Sharder) -> nnx.State | None:
         """The cached parameters placed on their shards, or None (not cached, or unusable)."""
         leaves = _leaves(abstract_state)
-        data, index = self._files(source, leaves)
+        data, index, origin = self._files(source, leaves)
         try:
-            entries = json.loads(index.read_text())
-            if not _matches(entries, leaves):
+            listing = json.loads(index.read_text())
+            entries = listing["parameters"]
+            if {k: listing.get(k) for k in origin} != origin or not _matches(entries, leaves):
                 raise ValueError("its parameter list differs")
             if data.stat().st_size != entries[-1][3] + _nbytes(entries[-1]):
                 raise ValueError("its size is wrong (truncated?)")
             mapped = np.memmap(data, np.uint8, mode="c")  # private: writes never reach the file
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, IndexError, TypeError) as e:
+        except (OSError, ValueError, IndexError, KeyError, TypeError) as e:
             log.warning("ignoring weight cache %s: %s", data, e)
             return None
         arrays = {}
@@ -88,25 +91,43 @@ class WeightCache:
         total = sum(_nbytes(leaf) for leaf in leaves)
         if total > MAX_BYTES or jax.process_count() > 1:
             return
-        data, index = self._files(source, leaves)
+        data, index, origin = self._files(source, leaves)
         entries, offset = [], 0
-        temp = data.with_suffix(f".tmp{os.getpid()}")
+        temp = data.with_name(f"{data.name}.tmp{os.getpid()}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with open(temp, "wb") as f:
                 for leaf, (_, var) in zip(leaves, nnx.to_flat_state(state), strict=True):
                     offset = -(-offset // ALIGN) * ALIGN
                     f.seek(offset)
-                    f.write(np.ascontiguousarray(np.asarray(var.get_value())).tobytes())
+                    host = np.ascontiguousarray(np.asarray(var.get_value()))
+                    f.write(host.reshape(-1).view(np.uint8))  # bytes, whatever the dtype
                     entries.append([*leaf, offset])
                     offset += _nbytes(leaf)
             os.replace(temp, data)
-            temp = index.with_suffix(f".tmp{os.getpid()}")
-            temp.write_text(json.dumps(entries))
+            temp = index.with_name(f"{index.name}.tmp{os.getpid()}")
+            temp.write_text(json.dumps({**origin, "parameters": entries}))
             os.replace(temp, index)
         except OSError as e:
             log.warning("could not write the weight cache %s: %s", data, e)
             temp.unlink(missing_ok=True)
+            return
+        self._drop_stale(origin)
+
+    def _drop_stale(self, origin: dict) -> None:
+        """Removes the entries of earlier versions of the same source file (another size or
+        modification time): a replaced GGUF file would otherwise leave its weights behind."""
+        for index in self.directory.glob("*.json"):
+            try:
+                listing = json.loads(index.read_text())
+                same_file = listing["source"] == origin["source"]
+                version = (listing["size"], listing["mtime_ns"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            stale = same_file and version != (origin["size"], origin["mtime_ns"])
+            if stale:
+                index.unlink(missing_ok=True)
+                index.with_suffix(".bin").unlink(missing_ok=True)
 
 
 def _nbytes(leaf) -> int:

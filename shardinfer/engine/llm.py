@@ -17,6 +17,7 @@ from shardinfer.engine.sampling import SamplingParams
 from shardinfer.engine.scheduler import Scheduler
 from shardinfer.mesh import MeshSpec
 from shardinfer.model import DEFAULT_MODEL, Model, check_token_ids, load_model
+from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR
 
 Prompt = str | Sequence[int]
 
@@ -40,15 +41,15 @@ class LLM:
         compilation_cache: str | Path | None = DEFAULT_CACHE_DIR,
         quantize: str | None = None,
         layer_loop: str | None = None,
+        weight_cache: str | Path | None = DEFAULT_WEIGHT_CACHE_DIR,
     ):
         # Before anything compiles: a later process with the same shapes loads, not compiles.
         enable_compilation_cache(compilation_cache)
         if isinstance(model_or_source, Model):
             self.model = model_or_source
         else:
-            self.model = load_model(
-                model_or_source, mesh, dtype, quantize=quantize, layer_loop=layer_loop
-            )
+            self.model = load_model(model_or_source, mesh, dtype, quantize=quantize,
+                                    layer_loop=layer_loop, weight_cache=weight_cache)  # fmt: skip
         cfg, data = self.model.config, self.model.data_size
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")

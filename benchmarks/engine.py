@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 # benchmarks/ is not a package; run as a script, this file's directory is on sys.path.
-from decode import (
+from common import (
     MODEL,
     PROMPT,
     add_common_args,
@@ -72,7 +72,7 @@ def cpu_snapshot() -> tuple[float, float, float]:
 def foreign_cores(start: tuple[float, float, float]) -> float:
     """Cores' worth of CPU used by anything but us (and our subprocesses) since start.
 
-    decode.other_load counts our own subprocesses as foreign; the mesh and startup sections
+    common.other_load counts our own subprocesses as foreign; the mesh and startup sections
     run in subprocesses."""
     end = cpu_snapshot()
     return ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
@@ -304,8 +304,9 @@ def main() -> None:
         return worker(args)
     if args.render:
         return render(json.loads(args.render.read_text()), args.render.with_suffix(""))
-    # Read by torch's libgomp at import; see decode.py. llama.cpp runs in a subprocess with the
-    # default policy, which its OpenMP threadpool expects.
+    # Read by torch's libgomp at import: its default wait policy spins, which made torch several
+    # times slower on small VMs (flattering us). llama.cpp runs in a subprocess with the default
+    # policy, which its OpenMP threadpool expects.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from shardinfer.serving.bench import read_bandwidth_gbps
 

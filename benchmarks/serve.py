@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import git_revision, machine_info
+from common import git_revision, machine_info
 
 
 def parse_args() -> argparse.Namespace:

@@ -84,3 +84,23 @@ def test_dtypes_modes_and_changed_files_get_their_own_entries(tiny_gguf, tmp_pat
     assert len(list(cache.glob("*.bin"))) == len(list(cache.glob("*.json"))) == 1
     fresh = si.load_model(tiny_gguf, weight_cache=None)
     np.testing.assert_array_equal(reloaded.logits(TOKENS), fresh.logits(TOKENS))
+
+
+def test_least_recently_used_entries_go_past_the_size_limit(tiny_gguf, tmp_path, monkeypatch):
+    from shardinfer.weights import host_cache
+
+    cache = tmp_path / "weights"
+
+    def load_and_name(**kwargs) -> set:
+        before = set(cache.glob("*.bin"))
+        si.load_model(tiny_gguf, weight_cache=cache, **kwargs)
+        return set(cache.glob("*.bin")) - before
+
+    (float32,) = load_and_name()
+    (bfloat16,) = load_and_name(dtype="bfloat16")
+    assert load_and_name() == set()  # mapped: float32 is now the most recently used
+    limit = float32.stat().st_size + bfloat16.stat().st_size
+    monkeypatch.setattr(host_cache, "MAX_TOTAL_BYTES", limit)
+    (int8,) = load_and_name(quantize="int8")  # over the limit: bfloat16 goes, not float32
+    assert set(cache.glob("*.bin")) == {float32, int8}
+    assert not bfloat16.with_suffix(".json").exists()

@@ -14,6 +14,7 @@ dtype (so dtype, quantization and the layer loop each get their own entry).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ DEFAULT_WEIGHT_CACHE_DIR = Path.home() / ".cache" / "shardinfer" / "weights"
 FORMAT = 1
 ALIGN = 64  # XLA:CPU takes a host array without a copy from a 64-byte boundary
 MAX_BYTES = 4 * 2**30  # larger models are not cached: the disk cost would surprise
+MAX_TOTAL_BYTES = 16 * 2**30  # beyond this, the least recently used entries are removed
 
 
 def _leaves(abstract_state: nnx.State) -> list[tuple[str, tuple[int, ...], str]]:
@@ -82,6 +84,8 @@ class WeightCache:
             arrays[path] = jax.make_array_from_callback(
                 tuple(shape), sharding, lambda i, h=host: h[i]
             )
+        with contextlib.suppress(OSError):  # a read-only cache still maps
+            os.utime(index)  # its modification time is its last use (see _trim)
         log.info("weights of %s mapped from %s", source, data)
         return nnx.map_state(lambda path, var: var.replace(arrays[path]), abstract_state)
 
@@ -113,6 +117,7 @@ class WeightCache:
             temp.unlink(missing_ok=True)
             return
         self._drop_stale(origin)
+        self._trim(keep=index)
 
     def _drop_stale(self, origin: dict) -> None:
         """Removes the entries of earlier versions of the same source file (another size or
@@ -128,6 +133,27 @@ class WeightCache:
             if stale:
                 index.unlink(missing_ok=True)
                 index.with_suffix(".bin").unlink(missing_ok=True)
+
+    def _trim(self, keep: Path) -> None:
+        """Removes the least recently used entries (by their index's modification time) while
+        the directory holds more than MAX_TOTAL_BYTES; never `keep`, the entry just written."""
+        entries = []
+        for index in self.directory.glob("*.json"):
+            try:
+                entries.append(
+                    (index.stat().st_mtime, index, index.with_suffix(".bin").stat().st_size)
+                )
+            except OSError:
+                continue
+        total = sum(size for _, _, size in entries)
+        for _, index, size in sorted(entries, key=lambda e: e[0]):
+            if total <= MAX_TOTAL_BYTES:
+                break
+            if index == keep:
+                continue
+            index.unlink(missing_ok=True)
+            index.with_suffix(".bin").unlink(missing_ok=True)
+            total -= size
 
 
 def _nbytes(leaf) -> int:

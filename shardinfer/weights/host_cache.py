@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from shardinfer.sharding import Sharder
+from shardinfer.weights.loader import param_shardings
 
 log = logging.getLogger("shardinfer")
 
@@ -75,12 +76,10 @@ class WeightCache:
             log.warning("ignoring weight cache %s: %s", data, e)
             return None
         arrays = {}
-        for (name, shape, dtype, offset), (path, var) in zip(
-            entries, nnx.to_flat_state(abstract_state), strict=True
-        ):
+        shardings = nnx.to_flat_state(param_shardings(abstract_state, sharder))
+        for (name, shape, dtype, offset), (path, sharding) in zip(entries, shardings, strict=True):
             host = mapped[offset : offset + _nbytes((name, shape, dtype))]
             host = host.view(jnp.dtype(dtype)).reshape(shape)
-            sharding = sharder.sharding(var.logical_axes, tuple(shape), name)
             arrays[path] = jax.make_array_from_callback(
                 tuple(shape), sharding, lambda i, h=host: h[i]
             )

@@ -85,10 +85,7 @@ def load_params(
             out[path] = {_index_key(i): _placeable(array[i], target_dtype) for i in indices}
         return out
 
-    shardings = {
-        path: sharder.sharding(var.logical_axes, var.get_value().shape, ".".join(map(str, path)))
-        for path, var in leaves.items()
-    }
+    shardings = dict(nnx.to_flat_state(param_shardings(abstract_state, sharder)))
     placed: dict[tuple, jax.Array] = {}
     for key in tasks:
         for path, slices in host_slices(key).items():

@@ -85,7 +85,11 @@ def make_mesh(spec: MeshSpec = None, devices: Sequence[jax.Device] | None = None
     return Mesh(grid, names, axis_types=auto)
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """What the mesh's devices are: "cpu", "gpu" or "tpu" (one kind per mesh)."""
+    return mesh.devices.flat[0].platform
+
+
 def describe_mesh(mesh: Mesh) -> str:
     axes = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
-    platform = mesh.devices.flat[0].platform
-    return f"Mesh({axes}) over {mesh.devices.size} {platform} device(s)"
+    return f"Mesh({axes}) over {mesh.devices.size} {mesh_platform(mesh)} device(s)"

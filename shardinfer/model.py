@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from shardinfer.config import ModelConfig
-from shardinfer.mesh import MeshSpec, make_mesh
+from shardinfer.mesh import MeshSpec, make_mesh, mesh_platform
 from shardinfer.models.layer_forms import convert_layers
 from shardinfer.models.llama import LAYER_LOOPS, Llama
 from shardinfer.models.weights import INT8_MODES, QUANTIZE_MODES
@@ -85,7 +85,7 @@ class Model:
 
     @property
     def platform(self) -> str:
-        return self.mesh.devices.flat[0].platform
+        return mesh_platform(self.mesh)
 
     @property
     def data_size(self) -> int:
@@ -183,7 +183,7 @@ def init_random_model(
 ) -> Model:
     """Random weights created in place on their shards (for benchmarks of untrained configs)."""
     mesh = as_mesh(mesh)
-    platform = mesh.devices.flat[0].platform
+    platform = mesh_platform(mesh)
     dtype, loop = resolve_dtype(dtype, platform), resolve_layer_loop(layer_loop, platform)
     sharder = Sharder(mesh, ShardingRules.load())
     graphdef, abstract = abstract_model(config, sharder, dtype, quantize, loop)
@@ -211,7 +211,7 @@ def load_model(
     platform when None. A GGUF file's dequantized weights are kept under `weight_cache` (None:
     not kept) and memory-mapped by the next load (weights/host_cache.py)."""
     mesh = as_mesh(mesh)
-    platform = mesh.devices.flat[0].platform
+    platform = mesh_platform(mesh)
     dtype, loop = resolve_dtype(dtype, platform), resolve_layer_loop(layer_loop, platform)
     sharder = Sharder(mesh, rules or ShardingRules.load())
     path = resolve_registry_name(str(source)) or Path(source)

@@ -104,3 +104,14 @@ def test_least_recently_used_entries_go_past_the_size_limit(tiny_gguf, tmp_path,
     (int8,) = load_and_name(quantize="int8")  # over the limit: bfloat16 goes, not float32
     assert set(cache.glob("*.bin")) == {float32, int8}
     assert not bfloat16.with_suffix(".json").exists()
+
+
+def test_unusable_cache_directory_only_warns(tiny_gguf, tmp_path, caplog):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    expected = si.load_model(tiny_gguf, weight_cache=None).logits(TOKENS)
+    with caplog.at_level(logging.WARNING, logger="shardinfer"):
+        model = si.load_model(tiny_gguf, weight_cache=not_a_directory)
+    assert "could not write the weight cache" in caplog.text
+    np.testing.assert_array_equal(model.logits(TOKENS), expected)
+    assert not_a_directory.read_text() == "x"

@@ -113,7 +113,8 @@ class WeightCache:
             os.replace(temp, index)
         except OSError as e:
             log.warning("could not write the weight cache %s: %s", data, e)
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. the directory is a file: no temp to remove
+                temp.unlink(missing_ok=True)
             return
         self._drop_stale(origin)
         self._trim(keep=index)

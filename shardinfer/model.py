@@ -16,8 +16,9 @@ from jax.sharding import Mesh
 
 from shardinfer.config import ModelConfig
 from shardinfer.mesh import MeshSpec, make_mesh, mesh_platform
+from shardinfer.models.interface import LAYER_LOOPS
 from shardinfer.models.layer_forms import convert_layers
-from shardinfer.models.llama import LAYER_LOOPS, Llama
+from shardinfer.models.llama import Llama
 from shardinfer.models.weights import INT8_MODES, QUANTIZE_MODES
 from shardinfer.sharding import Sharder, ShardingRules
 from shardinfer.weights.gguf_file import GGUFFile

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from shardinfer.config import ModelConfig
-from shardinfer.models.llama import LayerKV
+from shardinfer.models.interface import LayerKV
 from shardinfer.sharding import Sharder
 
 KVCache = LayerKV | list[LayerKV]
@@ -105,3 +105,47 @@ def resize(cache: KVCache, length: int) -> KVCache:
         return jnp.pad(x, pad)
 
     return map_layers(lambda layer: LayerKV(fit(layer.k, 3), fit(layer.v, 2)), cache)
+
+
+def _per_shard(x: jax.Array, shards: int) -> jax.Array:
+    """[slots, ...] -> [shards, slots_per_shard, ...]: rows are split over `data` in
+    contiguous blocks, so each block is one device's (a reshape, no data moves)."""
+    return x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
+
+
+def _local(slots: jax.Array, shards: int, per_shard: int) -> jax.Array:
+    """Global slot ids [B] (each shard's rows together) -> their indices inside the shard."""
+    return slots.reshape(shards, -1) % per_shard
+
+
+def gather_rows(cache: KVCache, slots: jax.Array, shards: int) -> KVCache:
+    """The cache rows of `slots` (B ids, B / shards of them in each `data` shard, in shard
+    order). The gather runs per shard (vmapped over the shard axis), so no shard reads
+    another's rows: no collective."""
+
+    def take(x):
+        blocks = _per_shard(x, shards)
+        picked = jax.vmap(lambda block, rows: block[rows])(
+            blocks, _local(slots, shards, blocks.shape[1])
+        )
+        return picked.reshape(-1, *x.shape[1:])
+
+    return map_layers(lambda layer: LayerKV(take(layer.k), take(layer.v)), cache)
+
+
+def write_rows(cache: KVCache, new: KVCache, slots: jax.Array, positions: jax.Array,
+               shards: int) -> KVCache:  # fmt: skip
+    """Decode over a bucket: row b's new k/v goes to cache row slots[b], position
+    positions[b] (per shard, like gather_rows)."""
+
+    def one(layer: LayerKV, fresh: LayerKV) -> LayerKV:
+        k_blocks, v_blocks = _per_shard(layer.k, shards), _per_shard(layer.v, shards)
+        rows = _local(slots, shards, k_blocks.shape[1])
+        pos = positions.reshape(shards, -1)
+        fresh_k = _per_shard(fresh.k[..., 0].astype(layer.k.dtype), shards)  # [S, b, kv, D]
+        fresh_v = _per_shard(fresh.v[:, :, 0].astype(layer.v.dtype), shards)
+        k = jax.vmap(lambda c, r, p, n: c.at[r, :, :, p].set(n))(k_blocks, rows, pos, fresh_k)
+        v = jax.vmap(lambda c, r, p, n: c.at[r, :, p].set(n))(v_blocks, rows, pos, fresh_v)
+        return LayerKV(k.reshape(layer.k.shape), v.reshape(layer.v.shape))
+
+    return map_layers(one, cache, new)

@@ -1,4 +1,4 @@
-"""Moving a parameter tree between the two layer loops (`LAYER_LOOPS` in models/llama.py).
+"""Moving a parameter tree between the two layer loops (`LAYER_LOOPS` in models/interface.py).
 
 Checkpoints always hold the stacked ("scan") form, whatever loop the process that wrote them
 ran, so a checkpoint saved on a CPU (unrolled) restores on an accelerator (scan) and back.

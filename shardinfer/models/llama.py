@@ -1,20 +1,20 @@
 """The Llama decoder family (Llama 2/3, Mistral, Qwen2, SmolLM2) as Flax NNX modules.
 
 Every parameter carries logical axis names (`logical_axes=`), which sharding.py maps onto the
-mesh. The KV cache is never module state: `__call__` returns this step's new keys and values and
-the engine writes them into the cache it owns.
+mesh. The module follows the Decoder interface (models/interface.py, where the cache layout
+is stated); its checkpoint names and config readers are in llama_checkpoints.py.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from shardinfer.config import ModelConfig
+from shardinfer.models.interface import LAYER_LOOPS, KVCache, LayerKV
 from shardinfer.models.rope import apply_rope, inverse_frequencies, rope_tables
 from shardinfer.models.weights import (
     dense,
@@ -27,18 +27,6 @@ from shardinfer.models.weights import (
 from shardinfer.sharding import Sharder
 
 NEG_INF = -1e30
-# How the decoder layers run. "scan": one stacked Block under lax.scan (compile time flat in
-# depth; what accelerators want). "unrolled": one Block per layer in a Python loop: XLA:CPU
-# copies each layer's weights out of a stacked array every step (it cannot fuse the slice
-# into the matmul), which cost ~35% of a batch-1 decode step.
-LAYER_LOOPS = ("scan", "unrolled")
-
-
-class LayerKV(NamedTuple):
-    # Keys are stored transposed so both attention matmuls read the cache in the layout a
-    # plain matmul wants (q @ K and p @ V); otherwise XLA:CPU transposes the cache every step.
-    k: jax.Array  # [layers, batch, kv_heads, head_dim, seq]; inside a layer, no `layers` axis
-    v: jax.Array  # [layers, batch, kv_heads, seq, head_dim]
 
 
 def _zeros(shape, axes, dtype, layers: int | None) -> nnx.Param:
@@ -192,7 +180,7 @@ class Llama(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = weight(rngs, *table)
 
-    def __call__(self, tokens, positions, cache: LayerKV | None = None, cache_len: int = 0):
+    def __call__(self, tokens, positions, cache: KVCache | None = None, cache_len: int = 0):
         """tokens, positions [B, T] -> final hidden states [B, T, E] and every layer's new k/v
         (LayerKV layout with T for seq). The cache is only read here, and only its first
         `cache_len` positions when that is given (a static bound on every row's position)."""

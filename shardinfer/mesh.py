@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+if TYPE_CHECKING:
+    from shardinfer.sharding import ShardingRules
+
 MeshSpec = str | Mapping[str, int] | None
 
-# The two axes the default sharding rules use. Any other names are allowed too.
+# The two axes the default sharding rules use. Other names need rules that map onto them.
 DATA, MODEL = "data", "model"
 
 
@@ -49,17 +53,53 @@ def parse_mesh_spec(spec: MeshSpec) -> dict[str, int]:
     return axes
 
 
-def make_mesh(spec: MeshSpec = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def check_mesh_axes(spec: MeshSpec, rules: ShardingRules | None = None) -> dict[str, int]:
+    """`parse_mesh_spec(spec)`, refusing any axis name the sharding rules never map onto.
+
+    Nothing would be sharded over such an axis (everything on it replicated), so a name like
+    "date" or "foo" is a typo, not a choice. Custom axis names need custom `rules`. Needs no
+    devices, so the command line checks its --mesh with it before loading anything.
+    """
+    from shardinfer.sharding import ShardingRules  # sharding.py may come to import this module
+
+    axes = parse_mesh_spec(spec)
+    used = (rules if rules is not None else ShardingRules.load()).mesh_axes()
+    unknown = [name for name in axes if name not in used]
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        what = f"mesh axis {names} is" if len(unknown) == 1 else f"mesh axes {names} are"
+        known = ", ".join(repr(name) for name in used) or "none"
+        raise ValueError(
+            f"{what} not used by the sharding rules, so nothing would be sharded over "
+            f"{'it' if len(unknown) == 1 else 'them'}; the rules use the mesh axes {known}"
+        )
+    if not axes and DATA not in used:
+        known = ", ".join(repr(name) for name in used) or "none"
+        raise ValueError(
+            f"the default mesh puts every device on {DATA!r}, which these sharding rules do not "
+            f"use; give a mesh spec over the axes they use: {known}"
+        )
+    return axes
+
+
+def make_mesh(
+    spec: MeshSpec = None,
+    devices: Sequence[jax.Device] | None = None,
+    rules: ShardingRules | None = None,
+) -> Mesh:
     """A mesh over `devices` (default: all devices, all on `data`), in topology order.
 
-    One axis may be -1: it takes whatever the others leave. Axis types are Auto: shardings
-    propagate from the parameters and a few constraints at block edges (see sharding.py).
+    One axis may be -1: it takes whatever the others leave. Every axis must be one the sharding
+    `rules` (default: `ShardingRules.load()`) map some logical axis onto. Axis types are Auto:
+    shardings propagate from the parameters and a few constraints at block edges (see
+    sharding.py).
     """
+    axes = check_mesh_axes(spec, rules)
     all_devices = list(devices) if devices is not None else jax.devices()
     n = len(all_devices)
     if n == 0:
         raise ValueError("make_mesh got an empty device list")
-    axes = parse_mesh_spec(spec) or {DATA: n}
+    axes = axes or {DATA: n}
     fill = [name for name, size in axes.items() if size == -1]
     if len(fill) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {', '.join(fill)}")

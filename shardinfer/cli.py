@@ -124,6 +124,79 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# SamplingParams' field names in its messages, as the options generate spells them.
+_SAMPLING_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature",
+                   "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"}  # fmt: skip
+
+
+def _sampling_params(args: argparse.Namespace):
+    """generate's SamplingParams; its checks' messages name the options, not the fields."""
+    from shardinfer.engine.sampling import SamplingParams
+
+    try:
+        return SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        message = str(e)
+        for field, flag in _SAMPLING_FLAGS.items():
+            if message.startswith(field + " "):
+                message = flag + message[len(field) :]
+        raise ValueError(message) from None
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes integers separated by commas, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"{option} values must be >= 1, got {text!r}")
+    return values
+
+
+def _at_least(option: str, value: int, least: int) -> None:
+    if value < least:
+        raise ValueError(f"{option} must be >= {least}, got {value}")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuses bad arguments before anything loads (a model takes seconds): whatever can be
+    checked without devices or weights is checked here, as ValueError."""
+    from shardinfer.mesh import check_mesh_axes
+
+    if args.host_devices is not None:
+        _at_least("--host-devices", args.host_devices, 1)
+    if args.command == "info":
+        return
+    try:
+        check_mesh_axes(args.mesh)
+    except ValueError as e:
+        raise ValueError(f"--mesh {args.mesh}: {e}") from None
+    if args.command == "generate":
+        for i, prompt in enumerate(args.prompt):
+            if not prompt.strip():
+                which = "--prompt" if len(args.prompt) == 1 else f"--prompt #{i + 1}"
+                raise ValueError(f"{which} is {'empty' if not prompt else 'only whitespace'}")
+        _sampling_params(args)
+        _at_least("--max-seq-len", args.max_seq_len, 2)
+    elif args.command == "serve":
+        _at_least("--max-batch", args.max_batch, 1)
+        _at_least("--max-seq-len", args.max_seq_len, 2)
+        _at_least("--replicas", args.replicas, 1)
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in 0-65535, got {args.port}")
+    elif args.command == "bench":
+        _int_list("--batch-sizes", args.batch_sizes)
+        _int_list("--prompt-lengths", args.prompt_lengths)
+        _at_least("--new-tokens", args.new_tokens, 2)  # the rate is over N-1 steps
+        _at_least("--repeats", args.repeats, 1)
+
+
 def _info() -> None:
     import jax
 
@@ -170,13 +243,7 @@ def _generate(args: argparse.Namespace) -> None:
         max_seq_len=args.max_seq_len,
         compilation_cache=cache,
     )
-    params = si.SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    params = _sampling_params(args)
     compilations()  # start counting compile time before the first compile
     started = time.perf_counter()
     if args.raw:
@@ -208,10 +275,10 @@ def _bench(args: argparse.Namespace) -> None:
     _print_sharding(model)
     result = run_bench(
         model,
-        [int(b) for b in args.batch_sizes.split(",")],
+        _int_list("--batch-sizes", args.batch_sizes),
         new_tokens=args.new_tokens,
         repeats=args.repeats,
-        prompt_lengths=tuple(int(n) for n in args.prompt_lengths.split(",")),
+        prompt_lengths=tuple(_int_list("--prompt-lengths", args.prompt_lengths)),
     )
     print(format_report(result))
     if args.json:
@@ -257,6 +324,11 @@ def _convert(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        _check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _set_host_devices(args.host_devices)
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

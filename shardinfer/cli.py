@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--routing", default="least_loaded", choices=["least_loaded", "round_robin"],
                        help="how requests are spread over replicas")  # fmt: skip
     serve.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="serve before compiling every step shape (default: warm up before /health "
+        "reports ready)",
+    )
+    serve.add_argument(
         "--api-key",
         default=os.environ.get("SHARDINFER_API_KEY"),
         help="require 'Authorization: Bearer KEY' (env SHARDINFER_API_KEY)",
@@ -300,6 +306,8 @@ def _serve(args: argparse.Namespace) -> None:
         if not engines:
             _print_sharding(model)
         llm = si.LLM(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+        if not args.no_warmup:
+            llm.warmup()
         engines.append(AsyncEngine(llm, replica=str(len(engines))))
     engine = engines[0] if len(engines) == 1 else Router(engines, args.routing)
     app = create_app(engine, args.model, api_key=args.api_key)

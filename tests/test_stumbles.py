@@ -134,3 +134,9 @@ def test_good_arguments_get_to_loading(monkeypatch):
         cli.main(argv)
     with pytest.raises(Loaded):
         cli.main(["bench", "--mesh", "model=-1", "--batch-sizes", "1,8"])
+
+
+def test_serve_has_no_warmup_flag():
+    args = cli._parser().parse_args(["serve", "--no-warmup"])
+    assert args.no_warmup is True
+    assert cli._parser().parse_args(["serve"]).no_warmup is False

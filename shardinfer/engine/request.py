@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from shardinfer.engine.detokenizer import IncrementalDetokenizer
 from shardinfer.engine.sampling import SamplingParams
 from shardinfer.weights.tokenizer import Tokenizer
 
@@ -33,6 +34,16 @@ class Request:
     arrived_at: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    # `text` is kept equal to tokenizer.decode(output_ids) without decoding it all again:
+    # `_stable` is the part the detokenizer has returned, `text` adds what it holds back.
+    _detokenizer: IncrementalDetokenizer | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _stable: str = dataclasses.field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is not None:
+            self._detokenizer = IncrementalDetokenizer(self.tokenizer)
 
     @property
     def done(self) -> bool:
@@ -53,9 +64,21 @@ class Request:
     def _finish_reason(self, token: int) -> str | None:
         if token in self.end_ids:
             return "stop"
-        if self.tokenizer is not None:
-            self.text = self.tokenizer.decode(self.output_ids)
-            cut = min((i for s in self.params.stop if (i := self.text.find(s)) >= 0), default=-1)
+        if self._detokenizer is not None:
+            searched = len(self._stable)
+            self._stable += self._detokenizer.add(token)
+            pending = self._detokenizer.pending
+            self.text = self._stable + pending if pending else self._stable
+            # Any stop string lying wholly in the old stable text was found last time, so a
+            # match now ends past it: only the new tail needs searching.
+            cut = min(
+                (
+                    i
+                    for s in self.params.stop
+                    if (i := self.text.find(s, max(0, searched - len(s) + 1))) >= 0
+                ),
+                default=-1,
+            )
             if cut >= 0:
                 self.text = self.text[:cut]
                 return "stop"
@@ -69,11 +92,13 @@ class Request:
         character and any tail that could still become a stop string."""
         end = len(self.text)
         if not self.done:
-            while end and self.text[end - 1] == "\ufffd":
+            # Characters before `emitted` are out already, so the scan stops there (a long
+            # run of U+FFFD would otherwise be walked on every call).
+            while end > self.emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
             for stop in self.params.stop:
                 for n in range(min(len(stop) - 1, end), 0, -1):
-                    if self.text[:end].endswith(stop[:n]):
+                    if self.text.endswith(stop[:n], 0, end):  # no copy of text[:end]
                         end -= n
                         break
         delta = self.text[self.emitted : max(end, self.emitted)]

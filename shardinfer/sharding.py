@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shardinfer.config import load_preset
@@ -117,6 +118,29 @@ class Sharder:
         """Pins an activation's layout inside jit (used at block edges only)."""
         return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes, x.shape))
 
+    def replicate(self, x: jax.Array) -> jax.Array:
+        """Every device gets the whole value (inside jit): what the host reads back, so that
+        every process holds it (a data-sharded output would span other processes' devices)."""
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec()))
+
     def axis_size(self, logical: str) -> int:
         axis = self.rules.mesh_axis(logical)
         return 1 if axis is None else self.mesh.shape.get(axis, 1)
+
+
+def place(sharder: Sharder, array: np.ndarray, logical_axes: LogicalAxes) -> jax.Array:
+    """A host array (the same on every process) onto the mesh, each device taking its slice.
+
+    The one way inputs reach the devices. Each slice is copied: on CPU a device array may
+    share the numpy buffer, and the scheduler changes its arrays in place while a step that
+    read them can still be running."""
+    array = np.asarray(array)
+    sharding = sharder.sharding(logical_axes, array.shape)
+    return jax.make_array_from_callback(
+        array.shape, sharding, lambda index: np.array(array[index], copy=True)
+    )
+
+
+def fetch_replicated(x: jax.Array) -> np.ndarray:
+    """A replicated device array as numpy, read from this process's first device."""
+    return np.asarray(x.addressable_data(0))

@@ -45,30 +45,29 @@ def test_seeded_sampling_is_reproducible_among_others(llm):
     assert alone.token_ids == first[1].token_ids
 
 
-def test_no_compilation_after_warm_up(llm):
-    # Warm-up: each prompt bucket (16, 32, 64), prefilled alone and in a group.
-    for length in (1, 17, 33):
-        for group in (1, 2):
-            llm.generate([[1] * length] * group, si.SamplingParams(max_tokens=3, temperature=0))
-    llm.generate([[1, 2]], si.SamplingParams(max_tokens=2, temperature=0.7, top_k=5, seed=1))
+def test_no_compilation_after_warmup(tiny_llama):
+    """warmup() compiles every step shape; then a mixed workload compiles nothing: arrivals
+    alone and together, every prompt bucket, greedy and sampled rows, every decode bucket,
+    and the cache growing from 128 to 512 positions and shrinking back."""
+    llm = si.LLM(tiny_llama, mesh="data=2,model=4", max_batch=4, max_seq_len=512, seed=0)
+    report = llm.warmup()
+    assert report["programs"] > 0 and report["seconds"] > 0
     before = compilations()
-    prompts, params = _workload()
-    params[3] = si.SamplingParams(max_tokens=9, temperature=0.8, top_p=0.5, seed=4)
-    llm.generate(prompts, params)
+    rng = np.random.default_rng(5)
+    lengths = [1, 17, 33, 65, 129, 257, 300, 5, 2, 40]
+    prompts = [rng.integers(0, 256, n).tolist() for n in lengths]
+    params = [
+        si.SamplingParams(max_tokens=int(rng.integers(1, 150)), temperature=0.0, ignore_eos=True)
+        for _ in prompts
+    ]
+    params[2] = si.SamplingParams(max_tokens=9, temperature=0.8, top_p=0.5, seed=4)
+    llm.generate(prompts, params)  # together: groups, and slots refilled as others finish
+    for prompt, p in zip(prompts[:3], params[:3], strict=True):
+        llm.generate([prompt], p)  # alone: one row, one live slot
+    long = si.SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    llm.generate([prompts[0]], long)  # the cache grows past 128 positions, then shrinks
     assert compilations() == before
-
-
-def test_new_requests_go_to_the_least_loaded_data_shard(llm):
-    scheduler = llm.scheduler
-    assert [scheduler.engine.shard_of(i) for i in range(4)] == [0, 0, 1, 1]
-    assert scheduler._free_slot() == 0
-    scheduler.running[0] = object()  # shard 0 now has one live slot
-    try:
-        assert scheduler._free_slot() == 2
-        scheduler.running[2] = object()
-        assert scheduler._free_slot() == 1
-    finally:
-        scheduler.running[0] = scheduler.running[2] = None
+    assert llm.core.engine.capacity in (128, 256)
 
 
 def test_metrics(llm):
@@ -84,32 +83,32 @@ def test_metrics(llm):
 def test_first_token_is_handed_out_before_any_decode_step(llm):
     """A step that admits returns at once (the first token does not wait for a decode step),
     and two admitting steps never come in a row (arrivals cannot starve running requests)."""
-    scheduler = llm.scheduler
+    core = llm.core
     greedy = si.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    first = llm.new_request([1, 2, 3], greedy)
-    scheduler.add(first)
-    steps = scheduler.metrics.decode_steps
-    assert scheduler.step() == [first]
-    assert len(first.output_ids) == 1 and scheduler.metrics.decode_steps == steps
-    second = llm.new_request([4, 5], greedy)
-    scheduler.add(second)  # waiting while `first` runs: the next step decodes
-    assert scheduler.step() == [first] and len(first.output_ids) == 2
-    assert scheduler.step() == [second] and len(first.output_ids) == 2
-    assert sorted(map(id, scheduler.step())) == sorted(map(id, [first, second]))
-    while scheduler.has_work():
-        scheduler.step()
+    first = core.make_request([1, 2, 3], greedy)
+    core.add(first)
+    steps = core.metrics.decode_steps
+    assert core.step() == [first]
+    assert len(first.output_ids) == 1 and core.metrics.decode_steps == steps
+    second = core.make_request([4, 5], greedy)
+    core.add(second)  # waiting while `first` runs: the next step decodes
+    assert core.step() == [first] and len(first.output_ids) == 2
+    assert core.step() == [second] and len(first.output_ids) == 2
+    assert sorted(map(id, core.step())) == sorted(map(id, [first, second]))
+    while core.has_work():
+        core.step()
     alone = llm.generate([[4, 5]], greedy)[0]
     assert second.output_ids == alone.token_ids
 
 
 def test_abandoned_run_frees_its_slot(llm):
-    request = llm.new_request([1, 2, 3], si.SamplingParams(max_tokens=30, ignore_eos=True))
-    steps = llm._run([request])
+    request = llm.core.make_request([1, 2, 3], si.SamplingParams(max_tokens=30, ignore_eos=True))
+    steps = llm.core.run([request])
     next(steps), next(steps)
     assert llm.metrics.live_slots == 1
     steps.close()  # the caller went away (a closed stream, a disconnected client)
     assert request.finish_reason == "abort"
-    assert llm.metrics.live_slots == 0 and not llm.scheduler.has_work()
+    assert llm.metrics.live_slots == 0 and not llm.core.has_work()
 
 
 def test_long_generation_across_cache_buckets_matches_hf(tiny_llama):

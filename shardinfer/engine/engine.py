@@ -1,12 +1,17 @@
-"""The device side of generation: prefill requests, insert them into slots, decode all slots.
+"""The device side of generation: execute a step plan over the model's mesh.
 
-The shapes of every jitted call come from a small fixed set (the slot count, and one prompt
-bucket per power of two up to max_seq_len), so a steady workload compiles nothing after warm-up.
-The cache is owned here, passed into each step and donated, never hidden in the model.
+Every jitted call has shapes from the small fixed set in plan.py (prompt widths, prefill row
+counts, decode buckets, cache capacities), so after `warmup` no workload compiles anything.
+The cache is owned here, passed into each program and donated, never hidden in the model.
+Inputs are placed one way (`place`); the sampled tokens come back replicated, so every
+process can read them.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import time
 from functools import partial
 
 import jax
@@ -14,27 +19,41 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shardinfer.engine.kv_cache import KVCache, init_cache, insert, resize, write_at
-from shardinfer.engine.sampling import SamplingArrays, sample
+from shardinfer.engine.kv_cache import (
+    KVCache,
+    gather_rows,
+    init_cache,
+    insert,
+    resize,
+    write_at,
+    write_rows,
+)
+from shardinfer.engine.params import SamplingArrays
+from shardinfer.engine.plan import (
+    DECODE,
+    PREFILL,
+    SlotLayout,
+    StepPlan,
+    StepResult,
+    capacities,
+    decode_buckets,
+    prefill_row_counts,
+    prompt_widths,
+)
+from shardinfer.engine.sampling import sample
 from shardinfer.model import Model
+from shardinfer.sharding import fetch_replicated, place
 from shardinfer.xla_options import step_compiler_options
 
-MIN_BUCKET = 16
+log = logging.getLogger("shardinfer")
+
 # Requests that arrive together are prefilled together, up to this many rows at a time; a
 # lone request is prefilled alone. Two row counts keep the set of compiled shapes small.
 PREFILL_ROWS = 8
 # The cache's smallest length; it grows (and shrinks) in powers of two with the furthest
-# position in use, so a decode step attends over the whole array and never slices it (on
-# XLA:CPU a slice of the cache was a copy per layer, ~30% of a batch-32 step).
+# position in use, so a decode step attends over the whole array and never slices its
+# positions (on XLA:CPU such a slice was a copy per layer, ~30% of a batch-32 step).
 DECODE_MIN_CACHE = 128
-
-
-def bucket_length(n: int, limit: int) -> int:
-    """The padded prompt length: the next power of two (at least MIN_BUCKET), capped at limit."""
-    size = MIN_BUCKET
-    while size < n:
-        size *= 2
-    return min(size, limit)
 
 
 def prefill_logits(graphdef, state, tokens, lengths):
@@ -57,107 +76,127 @@ def decode_logits(graphdef, state, cache: KVCache, tokens, positions, cache_len:
 
 
 class Engine:
-    """`slots` decode rows over the model's mesh (rows split evenly over the `data` axis)."""
+    """`slots` cache rows over the model's mesh (split evenly over the `data` axis)."""
 
     def __init__(self, model: Model, slots: int, max_seq_len: int):
         self.model, self.slots, self.max_seq_len = model, slots, max_seq_len
-        graphdef = model.graphdef
+        shards = model.data_size
+        self.layout = SlotLayout(
+            slots, shards, min(PREFILL_ROWS, slots), max_seq_len,
+            min(DECODE_MIN_CACHE, max_seq_len),
+        )  # fmt: skip
+        graphdef, sharder = model.graphdef, model.sharder
 
         def prefill(state, tokens, lengths, sampling):
             logits, kv = prefill_logits(graphdef, state, tokens, lengths)
-            return sample(logits, lengths, *sampling), kv
+            return sharder.replicate(sample(logits, lengths, *sampling)), kv
 
-        def decode(state, cache, tokens, positions, sampling):
-            logits, new_kv = decode_logits(graphdef, state, cache, tokens, positions)
-            return sample(logits, positions + 1, *sampling), new_kv
+        def decode(state, cache, tokens, lengths, slots_, sampling):
+            whole = tokens.shape[0] == slots  # the full bucket reads the cache in place
+            view = cache if whole else gather_rows(cache, slots_, shards)
+            logits, new_kv = decode_logits(graphdef, state, view, tokens, lengths - 1)
+            return sharder.replicate(sample(logits, lengths, *sampling)), new_kv
+
+        def write(cache, new_kv, slots_, positions):
+            if positions.shape[0] == slots:
+                return write_at(cache, new_kv, positions)
+            return write_rows(cache, new_kv, slots_, positions, shards)
 
         options = step_compiler_options(model.platform, model.dtype, model.quantize)
         jit = partial(jax.jit, compiler_options=options)
+        # Prefill and insert are two programs: as one, every (width, rows, capacity) would be
+        # a compile of the whole model; apart, only the tiny insert depends on the capacity.
         self._prefill = jit(prefill)
         self._insert = jit(insert, donate_argnums=(0,))
         # The step reads the cache and a second call writes the new k/v in place: in one
         # program, XLA:CPU copied the whole (donated) cache twice per step to order the
         # attention's reads before the in-place write.
         self._decode = jit(decode)
-        self._write = jit(write_at, donate_argnums=(0,))
+        self._write = jit(write, donate_argnums=(0,))
         self._resize = jit(resize, static_argnums=(1,))  # a new shape: nothing to donate
-        self.capacity = min(DECODE_MIN_CACHE, max_seq_len)
+        self.capacity = self.layout.min_capacity
         stacked = model.layer_loop == "scan"
-        cfg, sharder = model.config, model.sharder
+        cfg = model.config
         self.cache = init_cache(cfg, sharder, slots, self.capacity, model.dtype, stacked)
 
-    def fit_cache(self, needed: int) -> None:
-        """Resizes the cache to the power-of-two bucket holding `needed` positions (at least
-        DECODE_MIN_CACHE, at most max_seq_len); positions beyond the new length must be unused."""
-        capacity = max(bucket_length(needed, self.max_seq_len),
-                       min(DECODE_MIN_CACHE, self.max_seq_len))  # fmt: skip
+    def shard_of(self, slot: int) -> int:
+        return self.layout.shard_of(slot)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Runs one plan: prefill and insert, or one decode step and its cache write."""
+        self._fit(plan.capacity)
+        sharder = self.model.sharder
+        if plan.kind == PREFILL:
+            # Prefill rows (1 or 8) are not split over `data`: every shard computes them and
+            # keeps the rows that land in its slots.
+            rows = lambda a: place(sharder, a, (None,) * a.ndim)  # noqa: E731
+            first, kv = self._prefill(
+                self.model.state, rows(plan.tokens), rows(plan.lengths), _placed(plan, rows)
+            )
+            if (plan.slots < self.slots).any():
+                self.cache = self._insert(self.cache, kv, rows(plan.slots))
+            return StepResult(fetch_replicated(first))
+        if plan.kind != DECODE:
+            raise ValueError(f"unknown step kind {plan.kind}")
+        rows = lambda a: place(sharder, a, ("batch",))  # noqa: E731
+        slots, positions = rows(plan.slots), rows(plan.lengths - 1)
+        new, new_kv = self._decode(
+            self.model.state, self.cache, rows(plan.tokens), rows(plan.lengths), slots,
+            _placed(plan, rows),
+        )  # fmt: skip
+        self.cache = self._write(self.cache, new_kv, slots, positions)
+        return StepResult(fetch_replicated(new))
+
+    def _fit(self, capacity: int) -> None:
+        """Resizes the cache to `capacity` positions (the plan made sure nothing live is cut)."""
         if capacity != self.capacity:
             self.cache = self._resize(self.cache, capacity)
             self.capacity = capacity
 
-    @property
-    def data_shards(self) -> int:
-        return self.model.data_size
+    def warmup(self) -> dict[str, float]:
+        """Runs every step shape a plan can have once (compiling it, or loading it from the
+        persistent cache): prefills of each row count and width, inserts and decode buckets
+        at each capacity, and every resize between capacities. Writes only to free slots'
+        rows, so call it with no request running."""
+        layout, started = self.layout, time.perf_counter()
+        caps = capacities(layout)
+        for cap in caps:
+            self._fit(cap)
+            for rows, width in itertools.product(prefill_row_counts(layout), prompt_widths(layout)):
+                if width <= cap:
+                    self.execute(_warmup_prefill(layout, rows, width, cap))
+            for bucket in decode_buckets(layout):
+                self.execute(_warmup_decode(layout, bucket, cap))
+        for a, b in itertools.permutations(caps, 2):
+            self._fit(a)
+            self._fit(b)
+        self._fit(layout.min_capacity)
+        seconds = time.perf_counter() - started
+        log.info("warm-up: %.1f s", seconds)
+        return {"seconds": seconds}
 
-    def shard_of(self, slot: int) -> int:
-        """Which `data` shard holds a slot's cache row (rows are split in contiguous blocks)."""
-        return slot // (self.slots // self.data_shards)
 
-    @property
-    def prefill_rows(self) -> int:
-        return min(PREFILL_ROWS, self.slots)
+def _placed(plan: StepPlan, place_rows) -> tuple:
+    return tuple(place_rows(a) for a in plan.sampling.as_tuple())
 
-    def prefill(self, prompts: list[list[int]], sampling: SamplingArrays):
-        """Runs up to `prefill_rows` prompts together (padded to one length bucket, and to 1 or
-        `prefill_rows` rows); returns each one's first sampled token and the k/v of all rows
-        (not yet in a slot)."""
-        n = len(prompts)
-        rows = 1 if n == 1 else self.prefill_rows
-        width = bucket_length(max(len(p) for p in prompts), self.max_seq_len)
-        self.fit_cache(max(width, self.capacity))  # `insert` writes `width` positions
-        tokens = np.zeros((rows, width), np.int32)
-        lengths = np.ones(rows, np.int32)  # padding rows: one dummy token
-        for i, prompt in enumerate(prompts):
-            tokens[i, : len(prompt)] = prompt
-            lengths[i] = len(prompt)
-        padded = SamplingArrays(*(np.resize(a, rows) for a in sampling.as_tuple()))
-        first, kv = self._prefill(self.model.state, tokens, lengths, padded.as_tuple())
-        return [int(t) for t in np.asarray(first)[:n]], kv
 
-    def insert(self, kv: KVCache, slots: list[int | None]) -> None:
-        """Row i of a prefill's k/v into cache row slots[i]; rows given None, and rows beyond
-        `slots` (padding), are dropped."""
-        values = (kv[0] if isinstance(kv, list) else kv).v  # [(layers,) rows, kv, T, head_dim]
-        rows = values.shape[-4]
-        targets = np.full(rows, self.slots, np.int32)  # out of range: dropped
-        for row, slot in enumerate(slots):
-            if slot is not None:
-                targets[row] = slot
-        self.cache = self._insert(self.cache, kv, targets)
+def _warmup_prefill(layout: SlotLayout, rows: int, width: int, capacity: int) -> StepPlan:
+    """A prefill of `rows` full-width rows, each kept in a slot (the insert runs too)."""
+    sampling = SamplingArrays.greedy(rows)
+    sampling.temperature[0] = 1.0  # both sides of the sampler's greedy/random branch
+    slots = np.arange(rows, dtype=np.int32) % layout.slots
+    tokens = np.zeros((rows, width), np.int32)
+    lengths = np.full(rows, width, np.int32)
+    return StepPlan(PREFILL, tokens, lengths, slots, sampling, capacity)
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, sampling: SamplingArrays):
-        """One step for every slot: tokens/positions [slots] -> next tokens [slots] (host).
 
-        The cache first fits the furthest position (`fit_cache`): attention reads all of it,
-        and reading all of max_seq_len every step cost more than the weights at batch 32."""
-        self.fit_cache(int(positions.max()) + 1)
-        put = self._put_rows
-        device_positions = put(positions)
-        new, new_kv = self._decode(
-            self.model.state,
-            self.cache,
-            put(tokens),
-            device_positions,
-            tuple(put(a) for a in sampling.as_tuple()),
-        )
-        self.cache = self._write(self.cache, new_kv, device_positions)
-        return np.asarray(new)
-
-    def _put_rows(self, array: np.ndarray) -> jax.Array:
-        """A host array whose first axis is the slots, placed with rows split over `data`.
-
-        Copied first: on CPU the device array may share the numpy buffer, and the scheduler
-        updates its arrays in place while the cache write of this step can still be running."""
-        axes = ("batch",) + (None,) * (array.ndim - 1)
-        sharding = self.model.sharder.sharding(axes, array.shape)
-        return jax.device_put(np.array(array, copy=True), sharding)
+def _warmup_decode(layout: SlotLayout, bucket: int, capacity: int) -> StepPlan:
+    per_shard = layout.slots_per_shard
+    slots = np.array(
+        [s * per_shard + i for s in range(layout.data_shards) for i in range(bucket)], np.int32
+    )
+    rows = len(slots)
+    return StepPlan(
+        DECODE, np.zeros(rows, np.int32), np.ones(rows, np.int32), slots,
+        SamplingArrays.greedy(rows), capacity,
+    )  # fmt: skip

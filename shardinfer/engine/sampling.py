@@ -7,71 +7,12 @@ drawn, so a seeded request gives the same tokens whatever batch or slot it runs 
 
 from __future__ import annotations
 
-import dataclasses
-import secrets
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from shardinfer.engine.params import SamplingArrays, SamplingParams
 
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:  # also catches NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError(f"stop must be non-empty strings, got {stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative ints: {self.stop_token_ids!r}")
-
-
-@dataclasses.dataclass
-class SamplingArrays:
-    """Per-row sampling settings as host arrays of one fixed batch size."""
-
-    temperature: np.ndarray  # [batch] float32
-    top_k: np.ndarray  # [batch] int32
-    top_p: np.ndarray  # [batch] float32
-    seed: np.ndarray  # [batch] uint32
-
-    @classmethod
-    def for_rows(cls, params: list[SamplingParams | None]) -> SamplingArrays:
-        """Rows given None (padding) are greedy."""
-        greedy = SamplingParams(temperature=0.0)
-        ps = [p or greedy for p in params]
-        return cls(
-            np.array([p.temperature for p in ps], np.float32),
-            np.array([p.top_k for p in ps], np.int32),
-            np.array([p.top_p for p in ps], np.float32),
-            np.array(
-                [secrets.randbits(32) if p.seed is None else p.seed % 2**32 for p in ps],
-                np.uint32,
-            ),
-        )
-
-    def as_tuple(self):
-        return (self.temperature, self.top_k, self.top_p, self.seed)
+__all__ = ["SamplingArrays", "SamplingParams", "sample"]
 
 
 def _bisect(predicate, lo, hi, iterations: int = 40):
@@ -131,9 +72,3 @@ def sample(logits, positions, temperature, top_k, top_p, seed):
     # Random draws over the whole vocabulary cost more than the argmax: skip them when every
     # row is greedy.
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, logits)
-
-
-def set_row(rows: SamplingArrays, index: int, other: SamplingArrays, row: int = 0) -> None:
-    """Copies row `row` of `other` into row `index` of `rows`."""
-    for name in ("temperature", "top_k", "top_p", "seed"):
-        getattr(rows, name)[index] = getattr(other, name)[row]

@@ -1,117 +1,164 @@
-"""The host side of continuous batching: a queue, the slots, and one `step` that serves all.
+"""The host side of continuous batching: a queue, the slots, and plan/commit for each step.
 
-Each step either admits waiting requests into free slots (prefill, then insert) or advances
-every live slot by one decode step. A step that admits returns at once, so a new request's
-first token reaches its caller without waiting for a decode step (in a fresh process that
-step also loads the decode program); steps that admit never come twice in a row, so arrivals
-cannot starve the running requests. A finished request frees its slot at once and the next
-waiting request takes it while the others keep decoding.
+`plan()` decides one step: it either admits waiting requests into free slots (one prefill of
+1 or `prefill_rows` rows, each row's slot fixed now) or advances every live slot by one decode
+step, over the smallest power-of-two bucket of slots per `data` shard that holds them all.
+`commit(plan, result)` applies the sampled tokens. A step that admits is followed by a decode
+step whenever requests are running, so arrivals cannot starve them; a new request's first
+token is handed out by the admitting step itself. A finished request frees its slot at once.
+
+No JAX here: the engine executes plans, and any object with the same `execute` will do.
 """
 
 from __future__ import annotations
 
 import collections
+import random
+import secrets
 
 import numpy as np
 
-from shardinfer.engine.engine import Engine
 from shardinfer.engine.metrics import EngineMetrics
+from shardinfer.engine.params import SamplingArrays
+from shardinfer.engine.plan import (
+    DECODE,
+    MIN_PROMPT_WIDTH,
+    PREFILL,
+    SlotLayout,
+    StepPlan,
+    StepResult,
+    power_of_two_at_least,
+)
 from shardinfer.engine.request import Request
-from shardinfer.engine.sampling import SamplingArrays, set_row
 
 
 class Scheduler:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        slots = engine.slots
+    def __init__(self, layout: SlotLayout, seed: int | None = None):
+        """`seed` feeds the seeds drawn for requests that bring none (default: random)."""
+        self.layout = layout
+        slots = layout.slots
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request | None] = [None] * slots
-        self.tokens = np.zeros(slots, np.int32)  # the last token of each slot, fed next step
-        self.positions = np.zeros(slots, np.int32)  # where that token goes in the cache
-        self.sampling = SamplingArrays.for_rows([None] * slots)
+        self.tokens = np.zeros(slots, np.int32)  # each slot's next input token
+        self.cached = np.zeros(slots, np.int32)  # tokens of each slot in the cache
+        self.sampling = SamplingArrays.greedy(slots)
+        self.capacity = layout.min_capacity
         self.metrics = EngineMetrics(slots)
+        self._rng = random.Random(secrets.randbits(64) if seed is None else seed)
+        self._planned: tuple[StepPlan, list[Request | None]] | None = None
         self._admitted_last_step = False
+
+    # ---- requests in and out -----------------------------------------------------------------
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
-        self.metrics.queue_length = len(self.waiting)
+        self._update_gauges()
 
     def abort(self, request: Request) -> None:
         """Drops a request (a client that went away); its slot is free for the next step."""
         if request in self.waiting:
             self.waiting.remove(request)
-        for i, r in enumerate(self.running):
+        for slot, r in enumerate(self.running):
             if r is request:
-                self.running[i] = None
+                self._free(slot)
         if request.finish_reason is None:
             request.finish_reason = "abort"
         self._update_gauges()
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(r is not None for r in self.running)
+        return bool(self.waiting) or self.live_slots() > 0
 
-    def step(self) -> list[Request]:
-        """Admits what fits (then returns, unless the previous step admitted too), or decodes
-        one token for every live slot; returns the touched requests."""
-        touched = [] if self._admitted_last_step else self._admit()
-        self._admitted_last_step = bool(touched)
-        live = [i for i, r in enumerate(self.running) if r is not None]
-        if live and not touched:
-            new = self.engine.decode(self.tokens, self.positions, self.sampling)
-            self.metrics.decode_steps += 1
-            for i in live:
-                request = self.running[i]
-                request.append(int(new[i]))
-                self.tokens[i], self.positions[i] = new[i], self.positions[i] + 1
-                touched.append(request)
-                if request.done:
-                    self._finish(request, slot=i)
-            self.metrics.tokens_generated += len(live)
+    def live_slots(self) -> int:
+        return sum(r is not None for r in self.running)
+
+    # ---- planning -----------------------------------------------------------------------------
+
+    def plan(self) -> StepPlan | None:
+        """The next step, or None when there is nothing to do. Call `commit` before the next
+        `plan`."""
+        if self._planned is not None:
+            raise RuntimeError("the previous plan was not committed")
+        live = self.live_slots()
+        can_admit = bool(self.waiting) and live < self.layout.slots
+        if can_admit and not (self._admitted_last_step and live):
+            plan, rows = self._plan_prefill()
+        elif live:
+            plan, rows = self._plan_decode()
+        else:
+            return None
+        self._planned = (plan, rows)
+        self._admitted_last_step = plan.kind == PREFILL
+        return plan
+
+    def _plan_prefill(self) -> tuple[StepPlan, list[Request | None]]:
+        layout = self.layout
+        group: list[tuple[Request, int]] = []
+        while self.waiting and len(group) < layout.prefill_rows:
+            slot = self._free_slot()
+            if slot is None:
+                break
+            request = self.waiting.popleft()
+            self.running[slot] = request  # reserved now, so the next choice sees the load
+            group.append((request, slot))
+        rows = 1 if len(group) == 1 else layout.prefill_rows
+        longest = max(len(r.prompt_ids) for r, _ in group)
+        width = power_of_two_at_least(longest, MIN_PROMPT_WIDTH, layout.max_seq_len)
+        tokens = np.zeros((rows, width), np.int32)
+        lengths = np.ones(rows, np.int32)  # padding rows: one dummy token
+        slots = np.full(rows, layout.slots, np.int32)  # out of range: not kept
+        sampling = SamplingArrays.greedy(rows)
+        for i, (request, slot) in enumerate(group):
+            tokens[i, : len(request.prompt_ids)] = request.prompt_ids
+            lengths[i], slots[i] = len(request.prompt_ids), slot
+            sampling.set(i, request.params, self._seed_of(request))
+        # The insert writes `width` positions, so the cache must hold them.
+        capacity = max(self.capacity, self._capacity_for(width))
         self._update_gauges()
-        return touched
+        plan = StepPlan(PREFILL, tokens, lengths, slots, sampling, capacity)
+        return plan, [r for r, _ in group] + [None] * (rows - len(group))
 
-    def _admit(self) -> list[Request]:
-        """Moves waiting requests into free slots, prefilling those that arrive together in
-        one call."""
-        admitted: list[Request] = []
-        while self.waiting and (slot := self._free_slot()) is not None:
-            group: list[tuple[Request, int]] = []
-            while self.waiting and slot is not None and len(group) < self.engine.prefill_rows:
-                request = self.waiting.popleft()
-                self.running[slot] = request  # reserve it, so the next choice sees the load
-                group.append((request, slot))
-                slot = self._free_slot()
-            admitted += self._prefill_group(group)
-        return admitted
+    def _plan_decode(self) -> tuple[StepPlan, list[Request | None]]:
+        """Every live slot, in the smallest bucket per `data` shard that holds them all; the
+        bucket's other rows are free slots of that shard, fed a dummy token at position 0
+        (harmless: a free slot's cache is rewritten when it is next filled)."""
+        layout = self.layout
+        per_shard = layout.slots_per_shard
+        shards = [range(s * per_shard, (s + 1) * per_shard) for s in range(layout.data_shards)]
+        live = [[i for i in shard if self.running[i] is not None] for shard in shards]
+        bucket = power_of_two_at_least(max(map(len, live)), 1, per_shard)
+        if bucket == per_shard:
+            slots = np.arange(layout.slots, dtype=np.int32)  # the whole cache, in order
+        else:
+            rows = []
+            for shard, used in zip(shards, live, strict=True):
+                free = [i for i in shard if self.running[i] is None]
+                rows += used + free[: bucket - len(used)]
+            slots = np.array(rows, np.int32)
+        is_live = np.array([self.running[s] is not None for s in slots])
+        tokens = np.where(is_live, self.tokens[slots], 0).astype(np.int32)
+        lengths = np.where(is_live, self.cached[slots] + 1, 1).astype(np.int32)
+        sampling = self.sampling.take(slots)
+        capacity = self._capacity_for(int(lengths.max()))
+        plan = StepPlan(DECODE, tokens, lengths, slots, sampling, capacity)
+        return plan, [self.running[s] for s in slots]
 
-    def _prefill_group(self, group: list[tuple[Request, int]]) -> list[Request]:
-        requests = [r for r, _ in group]
-        sampling = SamplingArrays.for_rows([r.params for r in requests])
-        first, kv = self.engine.prefill([r.prompt_ids for r in requests], sampling)
-        targets: list[int | None] = []  # the cache row of each prefilled row, None: not kept
-        for i, ((request, slot), token) in enumerate(zip(group, first, strict=True)):
-            self.metrics.prefill_tokens += len(request.prompt_ids)
-            self.metrics.tokens_generated += 1
-            request.append(token)
-            if self.metrics.first_token_at is None:
-                self.metrics.first_token_at = request.first_token_at
-            if request.done:  # one token was all it needed: the slot is free again
-                self._finish(request, slot)
-                targets.append(None)
-                continue
-            targets.append(slot)
-            self.tokens[slot], self.positions[slot] = token, len(request.prompt_ids)
-            set_row(self.sampling, slot, sampling, i)
-        if any(t is not None for t in targets):
-            self.engine.insert(kv, targets)
-        return requests
+    def _capacity_for(self, positions: int) -> int:
+        """The cache length holding `positions`: at decode the attention reads all of it, and
+        reading all of max_seq_len every step cost more than the weights at batch 32."""
+        layout = self.layout
+        return power_of_two_at_least(positions, layout.min_capacity, layout.max_seq_len)
+
+    def _seed_of(self, request: Request) -> int:
+        seed = request.params.seed
+        return self._rng.getrandbits(32) if seed is None else seed % 2**32
 
     def _free_slot(self) -> int | None:
-        """A free slot on the `data` shard with the fewest live slots (ties: lowest shard)."""
+        """The lowest free slot on the `data` shard with the fewest live slots (ties: lowest
+        shard), which keeps the shards' buckets small and even."""
         load: dict[int, int] = collections.Counter()
         free: dict[int, int] = {}
         for i, r in enumerate(self.running):
-            shard = self.engine.shard_of(i)
+            shard = self.layout.shard_of(i)
             if r is None:
                 free.setdefault(shard, i)
             else:
@@ -120,12 +167,54 @@ class Scheduler:
             return None
         return free[min(free, key=lambda shard: (load[shard], shard))]
 
-    def _finish(self, request: Request, slot: int | None) -> None:
-        if slot is not None:
-            self.running[slot] = None
-            self.tokens[slot] = self.positions[slot] = 0
-        self.metrics.record_finished(request)
+    def cancel(self, plan: StepPlan) -> None:
+        """The plan failed to execute: forget it (its requests stay where they are, for the
+        front end to abort or retry)."""
+        if self._planned is not None and self._planned[0] is plan:
+            self._planned = None
+
+    # ---- committing ---------------------------------------------------------------------------
+
+    def commit(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Applies a step's sampled tokens; returns the requests that got one."""
+        if self._planned is None or self._planned[0] is not plan:
+            raise RuntimeError("commit() must get the plan that plan() returned last")
+        _, rows = self._planned
+        self._planned = None
+        self.capacity = plan.capacity
+        touched = []
+        for row, request in enumerate(rows):
+            slot = int(plan.slots[row])
+            if request is None or request.done or self.running[slot] is not request:
+                continue  # padding, or aborted since the plan was made
+            token = int(result.tokens[row])
+            request.append(token)
+            touched.append(request)
+            self.metrics.tokens_generated += 1
+            if plan.kind == PREFILL:
+                self.metrics.prefill_tokens += len(request.prompt_ids)
+                if self.metrics.first_token_at is None:
+                    self.metrics.first_token_at = request.first_token_at
+                self.sampling.temperature[slot] = plan.sampling.temperature[row]
+                self.sampling.top_k[slot] = plan.sampling.top_k[row]
+                self.sampling.top_p[slot] = plan.sampling.top_p[row]
+                self.sampling.seed[slot] = plan.sampling.seed[row]
+            self.tokens[slot], self.cached[slot] = token, plan.lengths[row]
+            if request.done:
+                self.metrics.record_finished(request)
+                self._free(slot)
+        if plan.kind == DECODE:
+            self.metrics.decode_steps += 1
+        self._update_gauges()
+        return touched
+
+    def _free(self, slot: int) -> None:
+        self.running[slot] = None
+        self.tokens[slot] = self.cached[slot] = 0
+        greedy = SamplingArrays.greedy(1)
+        for name in ("temperature", "top_k", "top_p", "seed"):
+            getattr(self.sampling, name)[slot] = getattr(greedy, name)[0]
 
     def _update_gauges(self) -> None:
         self.metrics.queue_length = len(self.waiting)
-        self.metrics.live_slots = sum(r is not None for r in self.running)
+        self.metrics.live_slots = self.live_slots()

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 
+from shardinfer.engine.core import EngineCore
 from shardinfer.engine.llm import LLM
 from shardinfer.engine.request import Request
 from shardinfer.engine.sampling import SamplingParams
@@ -56,6 +57,10 @@ class AsyncEngine:
         self._thread.start()
 
     @property
+    def core(self) -> EngineCore:
+        return self.llm.core
+
+    @property
     def metrics(self):
         return self.llm.metrics
 
@@ -64,7 +69,7 @@ class AsyncEngine:
         return [self]
 
     def waiting(self) -> int:
-        return self._inbox.qsize() + len(self.llm.scheduler.waiting)
+        return self._inbox.qsize() + self.core.num_waiting()
 
     def free_slots(self) -> int:
         """Slots a new request could take at once (negative: that many are queued for one)."""
@@ -82,7 +87,7 @@ class AsyncEngine:
         """Validates and queues one request (ValueError for bad input, QueueFull when full)."""
         if self.waiting() >= self.max_waiting:
             raise QueueFull(f"{self.max_waiting} requests are already waiting")
-        request = self.llm.new_request(prompt_ids, params)
+        request = self.core.make_request(self.core.prompt_ids(prompt_ids), params)
         handle = Handle(request, asyncio.Queue(), asyncio.get_running_loop(), self)
         self._owe(request.params.max_tokens)
         self._inbox.put(("add", handle))
@@ -101,30 +106,30 @@ class AsyncEngine:
         return bool(self._handles) or not self._inbox.empty()
 
     def _run(self) -> None:
-        scheduler = self.llm.scheduler
+        core = self.core
         while not self._stopping.is_set():
-            block = not scheduler.has_work()
+            block = not core.has_work()
             try:
                 while True:  # take everything that arrived; wait only when idle
                     kind, handle = self._inbox.get(block=block, timeout=0.1 if block else None)
                     block = False
                     if kind == "add":
                         self._handles[id(handle.request)] = handle
-                        scheduler.add(handle.request)
+                        core.add(handle.request)
                     elif kind == "abort" and id(handle.request) in self._handles:
-                        scheduler.abort(handle.request)
+                        core.abort(handle.request)
                         del self._handles[id(handle.request)]
                         self._settle(handle, "abort")
             except queue.Empty:
                 pass
-            if not scheduler.has_work():
+            if not core.has_work():
                 continue
             try:
-                touched = scheduler.step()
+                touched = core.step()
             except Exception:  # a device failure: fail what is in flight, keep serving
                 log.exception("engine step failed; failing %d requests", len(self._handles))
                 for handle in list(self._handles.values()):
-                    scheduler.abort(handle.request)
+                    core.abort(handle.request)
                     self._emit(handle, Event("", list(handle.request.output_ids), "error"))
                     self._settle(handle, "error")
                 self._handles.clear()

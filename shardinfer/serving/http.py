@@ -98,7 +98,7 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="shardinfer", docs_url=None, redoc_url=None)
     app.state.draining = False  # set on SIGTERM: finish what is in flight, refuse the rest
-    tokenizer = engine.llm.tokenizer
+    core = engine.llm.core  # validation and tokenizing (the same on every replica)
     observer = ServingMetrics()
     for replica in engine.engines:  # an AsyncEngine is its own only replica; a Router has R
         replica.observer = observer
@@ -166,18 +166,13 @@ def create_app(
         )
 
     def _start(body: _Sampling, prompt_ids: list[int], max_tokens: int | None) -> Handle:
-        if body.model != model_name:
-            refused("invalid")
-            raise _Refused(404, f"model {body.model!r} does not exist; this server has "
-                                f"{model_name!r}", "not_found_error")  # fmt: skip
-        room = engine.llm.max_seq_len - len(prompt_ids)
-        if max_tokens is not None and room > 0 and max_tokens > room:
+        room = core.room(prompt_ids)
+        if max_tokens is not None and max_tokens > room:
             # As vLLM does: asking for more than fits is an error, not a silent cut.
-            refused("invalid")
             raise _Refused(400, f"max_tokens={max_tokens} with a {len(prompt_ids)}-token prompt "
                                 f"exceeds max_seq_len={engine.llm.max_seq_len}; ask for at most "
                                 f"{room}")  # fmt: skip
-        if max_tokens is None and room > 0:
+        if max_tokens is None:
             max_tokens = min(default_max_tokens, room)
         try:
             return engine.submit(prompt_ids, _params(body, max_tokens))
@@ -185,34 +180,34 @@ def create_app(
             refused("rejected")
             raise _Refused(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from e
         except ValueError as e:
-            refused("invalid")
             raise _Refused(400, str(e)) from e
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            if tokenizer is None:
-                return _error(400, "this model has no tokenizer: send the prompt as token ids")
-            if not prompt:
-                return _error(400, "prompt is empty")
-            prompt = tokenizer.encode(prompt)
-        return await _respond(body, prompt, body.max_tokens, "text_completion")
+        return await _respond(body, lambda: core.prompt_ids(body.prompt), body.max_tokens,
+                              "text_completion")  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
-        if tokenizer is None:
-            return _error(400, "this model has no tokenizer, so no chat template")
         messages = [m.model_dump() for m in body.messages]
-        text = tokenizer.apply_chat_template(messages)
-        prompt = tokenizer.encode(text, add_special_tokens=False)
         limit = body.max_completion_tokens or body.max_tokens
-        return await _respond(body, prompt, limit, "chat.completion")
+        return await _respond(body, lambda: core.chat_ids(messages), limit, "chat.completion")
 
-    async def _respond(body: _Sampling, prompt: list[int], max_tokens, kind: str):
+    async def _respond(body: _Sampling, tokenize, max_tokens, kind: str):
+        """`tokenize` turns the body's prompt into checked token ids (the engine core's
+        validation, shared with the Python API and the CLI)."""
         try:
+            if body.model != model_name:
+                raise _Refused(404, f"model {body.model!r} does not exist; this server has "
+                                    f"{model_name!r}", "not_found_error")  # fmt: skip
+            try:
+                prompt = tokenize()
+            except ValueError as e:
+                raise _Refused(400, str(e)) from e
             handle = _start(body, prompt, max_tokens)
         except _Refused as e:
+            if e.status != 429:
+                refused("invalid")
             return _error(e.status, e.message, e.kind, e.headers)
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         if body.stream:

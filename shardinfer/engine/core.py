@@ -1,0 +1,148 @@
+"""The engine core: requests in (validated, tokenized), outputs out, one step at a time.
+
+Every front end sits on this: `LLM` (Python), the HTTP server's async engine, the batch
+runner. Validation lives here only, so each of them refuses the same input with the same
+message. A step is plan (scheduler, host) -> execute (engine, devices) -> commit (host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from shardinfer.engine.engine import Engine
+from shardinfer.engine.metrics import EngineMetrics, compilations
+from shardinfer.engine.params import SamplingParams
+from shardinfer.engine.request import Request
+from shardinfer.engine.scheduler import Scheduler
+from shardinfer.model import Model, check_token_ids
+from shardinfer.weights.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+Message = dict[str, str]
+
+
+class EngineCore:
+    def __init__(self, model: Model, max_batch: int, max_seq_len: int, seed: int | None = None):
+        """`max_batch` slots (rounded up to a multiple of the `data` axis); `seed` feeds the
+        seeds of requests that bring none (default: random)."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        data = model.data_size
+        self.model = model
+        self.max_batch = -(-max_batch // data) * data  # rows split evenly over `data`
+        self.max_seq_len = max_seq_len
+        self.engine = Engine(model, self.max_batch, max_seq_len)
+        self.scheduler = Scheduler(self.engine.layout, seed)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.model.tokenizer
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        return self.scheduler.metrics
+
+    # ---- validation: the one place --------------------------------------------------------
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+        return self.tokenizer
+
+    def prompt_ids(self, prompt: Prompt, index: int = 0) -> list[int]:
+        """A prompt (text, or token ids) as checked token ids; ValueError names what is wrong."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty")
+            ids = self.require_tokenizer().encode(prompt)
+        elif isinstance(prompt, Sequence | np.ndarray):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompt {index} must be a string or a list of token ids")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        check_token_ids(np.asarray(ids), self.model.config.vocab_size)
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens; max_seq_len is {self.max_seq_len}, "
+                "which must leave room for at least one new token"
+            )
+        return [int(t) for t in ids]
+
+    def chat_ids(self, messages: list[Message], index: int = 0) -> list[int]:
+        """A conversation through the model's chat template, as token ids."""
+        tokenizer = self.require_tokenizer()
+        if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+            contents = [m.get("content") for m in messages]
+            if all(isinstance(c, str) and not c.strip() for c in contents):
+                raise ValueError(f"conversation {index} has no non-empty message")
+        text = tokenizer.apply_chat_template(messages)  # checks the messages' form
+        return self.prompt_ids(tokenizer.encode(text, add_special_tokens=False), index)
+
+    def room(self, prompt_ids: list[int]) -> int:
+        """New tokens that fit after this prompt."""
+        return self.max_seq_len - len(prompt_ids)
+
+    def make_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Request:
+        """A request for checked prompt ids (see `prompt_ids`), not yet queued."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        eos = frozenset() if params.ignore_eos else frozenset(self.model.config.eos_token_ids)
+        return Request(
+            prompt_ids, params, eos | set(params.stop_token_ids), self.tokenizer, self.max_seq_len
+        )
+
+    # ---- running ------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    def abort(self, request: Request) -> None:
+        self.scheduler.abort(request)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def step(self) -> list[Request]:
+        """One step: the requests that got a token (none when there is nothing to do)."""
+        plan = self.scheduler.plan()
+        if plan is None:
+            return []
+        try:
+            result = self.engine.execute(plan)
+        except BaseException:
+            self.scheduler.cancel(plan)
+            raise
+        return self.scheduler.commit(plan, result)
+
+    def run(self, requests: Sequence[Request]) -> Iterator[list[Request]]:
+        """Queues the requests and steps until they are all done, yielding each step's touched
+        requests (for streaming). A caller that stops early aborts what is left."""
+        for r in requests:
+            self.add(r)
+        try:
+            while not all(r.done for r in requests):
+                yield self.step()
+        finally:
+            for r in requests:
+                if not r.done:
+                    self.abort(r)
+
+    def warmup(self) -> dict[str, float]:
+        """Compiles (or loads from the persistent cache) every step shape; returns the
+        seconds it took and the programs it lowered."""
+        if self.has_work():
+            raise RuntimeError("warmup() runs before any request is queued")
+        before = compilations()
+        report = self.engine.warmup()
+        return {**report, "programs": compilations() - before}

@@ -2,6 +2,7 @@
 
 import json
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -304,7 +305,8 @@ def test_sigterm_drains_then_exits_zero(tiny_llama):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "shardinfer.cli", "serve", "--model", str(tiny_llama),
-         "--port", str(port), "--max-seq-len", "512", "--compilation-cache", "none"],
+         "--port", str(port), "--max-seq-len", "512", "--max-batch", "1",
+         "--compilation-cache", "none"],
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -317,20 +319,35 @@ def test_sigterm_drains_then_exits_zero(tiny_llama):
             except OSError:
                 assert time.time() < deadline and proc.poll() is None, "server did not start"
                 time.sleep(0.2)
-        body = {"model": str(tiny_llama), "prompt": [1, 2, 3], "max_tokens": 300,
+        # One slot and three long requests: the server is warmed up, so one would finish
+        # in a fraction of a second; queued behind each other they are still in flight
+        # (accepted, not yet done) when the signal comes.
+        body = {"model": str(tiny_llama), "prompt": [1, 2, 3], "max_tokens": 500,
                 "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
-        stream = urllib.request.urlopen(urllib.request.Request(
-            base + "/v1/completions", data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        ))  # fmt: skip
-        proc.send_signal(signal.SIGTERM)  # while the request is in flight
-        time.sleep(0.3)
+        results: list = []
+
+        def stream() -> None:
+            reply = urllib.request.urlopen(urllib.request.Request(
+                base + "/v1/completions", data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            ))  # fmt: skip
+            results.append(reply.read().decode().strip().split("\n\n"))
+
+        streams = [threading.Thread(target=stream) for _ in range(3)]
+        for s in streams:
+            s.start()
+        time.sleep(0.3)  # all three accepted
+        proc.send_signal(signal.SIGTERM)  # while they are in flight
+        time.sleep(0.2)
         code, reply = _post(base, "/v1/completions", json.dumps(body).encode())
         assert code == 503 and "shutting down" in reply["error"]["message"]
-        events = stream.read().decode().strip().split("\n\n")
-        assert events[-1] == "data: [DONE]"  # the request in flight finished
-        final = json.loads(events[-2][len("data: ") :])
-        assert final["usage"]["completion_tokens"] == 300
+        for s in streams:
+            s.join(timeout=120)
+        assert len(results) == 3
+        for events in results:  # every request in flight finished
+            assert events[-1] == "data: [DONE]"
+            final = json.loads(events[-2][len("data: ") :])
+            assert final["usage"]["completion_tokens"] == 500
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:

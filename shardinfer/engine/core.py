@@ -53,33 +53,36 @@ class EngineCore:
             raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
         return self.tokenizer
 
-    def prompt_ids(self, prompt: Prompt, index: int = 0) -> list[int]:
-        """A prompt (text, or token ids) as checked token ids; ValueError names what is wrong."""
+    def prompt_ids(self, prompt: Prompt, index: int | None = None) -> list[int]:
+        """A prompt (text, or token ids) as checked token ids; ValueError names what is wrong
+        (and which prompt of several, by `index`)."""
+        name = "prompt" if index is None else f"prompt {index}"
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError(f"prompt {index} is empty")
+                raise ValueError(f"{name} is empty")
             ids = self.require_tokenizer().encode(prompt)
         elif isinstance(prompt, Sequence | np.ndarray):
             ids = list(prompt)
         else:
-            raise ValueError(f"prompt {index} must be a string or a list of token ids")
+            raise ValueError(f"{name} must be a string or a list of token ids")
         if not ids:
-            raise ValueError(f"prompt {index} is empty")
+            raise ValueError(f"{name} is empty")
         check_token_ids(np.asarray(ids), self.model.config.vocab_size)
         if len(ids) >= self.max_seq_len:
             raise ValueError(
-                f"prompt {index} has {len(ids)} tokens; max_seq_len is {self.max_seq_len}, "
+                f"{name} has {len(ids)} tokens; max_seq_len is {self.max_seq_len}, "
                 "which must leave room for at least one new token"
             )
         return [int(t) for t in ids]
 
-    def chat_ids(self, messages: list[Message], index: int = 0) -> list[int]:
+    def chat_ids(self, messages: list[Message], index: int | None = None) -> list[int]:
         """A conversation through the model's chat template, as token ids."""
         tokenizer = self.require_tokenizer()
         if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
             contents = [m.get("content") for m in messages]
             if all(isinstance(c, str) and not c.strip() for c in contents):
-                raise ValueError(f"conversation {index} has no non-empty message")
+                which = "the conversation" if index is None else f"conversation {index}"
+                raise ValueError(f"{which} has no non-empty message")
         text = tokenizer.apply_chat_template(messages)  # checks the messages' form
         return self.prompt_ids(tokenizer.encode(text, add_special_tokens=False), index)
 

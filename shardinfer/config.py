@@ -8,7 +8,6 @@ from typing import Any
 
 import yaml
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -32,7 +31,11 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """One decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+    """One decoder-only transformer of the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2).
+
+    `architecture` names the model family that builds it; it is checked against the family
+    registry (models/registry.py `family_for`) when a model is built or loaded, not here: this
+    module is the bottom layer and knows no families."""
 
     architecture: str
     vocab_size: int
@@ -55,11 +58,6 @@ class ModelConfig:
     checkpoint_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {self.architecture!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config field {name} must be positive, got {getattr(self, name)}")

@@ -18,7 +18,7 @@ from shardinfer.config import ModelConfig
 from shardinfer.mesh import MeshSpec, make_mesh, mesh_platform
 from shardinfer.models.interface import LAYER_LOOPS
 from shardinfer.models.layer_forms import convert_layers
-from shardinfer.models.llama import Llama
+from shardinfer.models.registry import Family, family_for, gguf_family, hf_family
 from shardinfer.models.weights import INT8_MODES, QUANTIZE_MODES
 from shardinfer.sharding import Sharder, ShardingRules
 from shardinfer.weights.gguf_file import GGUFFile
@@ -83,6 +83,11 @@ class Model:
     def __post_init__(self) -> None:
         options = step_compiler_options(self.platform, self.dtype, self.quantize)
         self._logits_fn = jax.jit(partial(_full_logits, self.graphdef), compiler_options=options)
+
+    @property
+    def family(self) -> Family:
+        """The model family (models/registry.py): its kind says decoder or encoder."""
+        return family_for(self.config.architecture)
 
     @property
     def platform(self) -> str:
@@ -167,10 +172,12 @@ def abstract_model(
     quantize: str | None = None,
     layer_loop: str = "scan",
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Shapes, dtypes and logical axes of every parameter; no memory is allocated."""
+    """Shapes, dtypes and logical axes of every parameter; no memory is allocated. The module
+    is the one the config's family builds (models/registry.py)."""
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8, w8a8")
-    abstract = nnx.eval_shape(lambda: Llama(config, sharder, dtype, None, quantize, layer_loop))
+    build = family_for(config.architecture).build
+    abstract = nnx.eval_shape(lambda: build(config, sharder, dtype, None, quantize, layer_loop))
     return nnx.split(abstract)
 
 
@@ -189,10 +196,11 @@ def init_random_model(
     sharder = Sharder(mesh, ShardingRules.load())
     graphdef, abstract = abstract_model(config, sharder, dtype, quantize, loop)
     shardings = param_shardings(abstract, sharder)
+    build = family_for(config.architecture).build
 
     @partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.split(Llama(config, sharder, dtype, nnx.Rngs(seed), quantize, loop))[1]
+        return nnx.split(build(config, sharder, dtype, nnx.Rngs(seed), quantize, loop))[1]
 
     state = init()
     return Model(config, mesh, sharder, graphdef, state, dtype, None, "random", quantize, loop)
@@ -217,7 +225,7 @@ def load_model(
     sharder = Sharder(mesh, rules or ShardingRules.load())
     path = resolve_registry_name(str(source)) or Path(source)
     if path.is_dir() and is_checkpoint(path):
-        config, stored = read_checkpoint_config(path)
+        config, stored = read_checkpoint_config(path, family_for)
         same_arrays = stored in INT8_MODES and quantize in INT8_MODES  # only the matmul differs
         if quantize is not None and quantize != stored and not same_arrays:
             raise ValueError(
@@ -233,10 +241,10 @@ def load_model(
         src = str(source)
         return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, src, mode, loop)
     if path.is_dir() and (path / "config.json").is_file():
-        config = read_hf_config(path)
+        config = read_hf_config(path, hf_family)
         tensors, tokenizer = SafetensorsDirectory(path), Tokenizer.from_hf_dir(path)
     elif path.is_file() and path.suffix == ".gguf":
-        gguf = GGUFFile(path)
+        gguf = GGUFFile(path, gguf_family)
         config, tensors, tokenizer = gguf.config, gguf, Tokenizer.from_gguf(gguf)
     else:
         raise ValueError(
@@ -247,7 +255,8 @@ def load_model(
     cache = WeightCache(weight_cache) if weight_cache and isinstance(tensors, GGUFFile) else None
     state = cache.load(path, abstract, sharder) if cache else None
     if state is None:
-        state = load_params(abstract, sharder, tensors, config, dtype)
+        hf_tensor = family_for(config.architecture).hf_tensor
+        state = load_params(abstract, sharder, tensors, config, dtype, hf_tensor)
         if cache:
             cache.store(path, abstract, state)
     log.info("loaded %s: %s, %s, quantize=%s, %s layers", source, config.architecture, dtype,

@@ -124,11 +124,12 @@ def test_dequantize_equals_the_gguf_package(qtype):
 
 
 def test_default_model_dequantizes_like_the_gguf_package():
+    from shardinfer.models.registry import gguf_family
     from shardinfer.weights.gguf_file import GGUFFile
     from shardinfer.weights.gguf_reader import tensor_bytes
     from shardinfer.weights.registry import resolve_registry_name
 
-    f = GGUFFile(resolve_registry_name("smollm2-135m-instruct"))
+    f = GGUFFile(resolve_registry_name("smollm2-135m-instruct"), gguf_family)
     for name in ("model.embed_tokens.weight", "model.layers.3.mlp.down_proj.weight"):
         info = f._tensors[name]
         qtype, raw = tensor_bytes(f._mmap, f._contents, info, f.path)

@@ -17,6 +17,8 @@ def convert_layers(state: nnx.State, target: nnx.State, target_shardings: nnx.St
     """`state` (either form) rebuilt in the form of the abstract `target` tree."""
     source = nnx.to_pure_dict(state)
     wanted = nnx.to_pure_dict(target)
+    if "layers" not in source:  # a family without per-layer parameters: one form only
+        return state
     stacked_source = not _is_per_layer(source["layers"])
     stacked_target = not _is_per_layer(wanted["layers"])
     if stacked_source == stacked_target:

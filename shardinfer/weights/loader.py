@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
 from flax import nnx
 
-from shardinfer.config import ModelConfig
 from shardinfer.models.weights import quantize_int8
 from shardinfer.sharding import Sharder
-from shardinfer.weights.names import hf_tensor
 
 log = logging.getLogger("shardinfer")
+
+
+class TensorRef(NamedTuple):
+    """Where a parameter comes from: a family's name map (`hf_tensor(path, cfg)`) gives one."""
+
+    name: str  # the Hugging Face tensor name
+    shape: tuple[int, ...]  # its shape there
+    to_ours: Callable[[np.ndarray], np.ndarray]  # HF layout -> ours (a view where it can)
 
 
 class TensorSource(Protocol):
@@ -36,9 +43,15 @@ def param_shardings(abstract_state: nnx.State, sharder: Sharder) -> nnx.State:
 
 
 def load_params(
-    abstract_state: nnx.State, sharder: Sharder, source: TensorSource, cfg: ModelConfig, dtype
+    abstract_state: nnx.State,
+    sharder: Sharder,
+    source: TensorSource,
+    cfg: Any,
+    dtype,
+    hf_tensor: Callable[[tuple, Any], TensorRef],
 ) -> nnx.State:
-    """Each parameter read from `source` and placed so that every device gets only its slice.
+    """Each parameter read from `source` and placed so that every device gets only its slice;
+    `hf_tensor` (the model family's name map) says which checkpoint tensor each one is.
 
     The host holds one checkpoint tensor at a time (for a stacked layer parameter, that tensor
     of every layer) besides what is placed. An int8 weight is quantized on the host from its

@@ -7,12 +7,13 @@ reads only the slices its devices hold.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import nnx
 
-from shardinfer.config import ModelConfig
 from shardinfer.weights.tokenizer import Tokenizer
 
 MARKER = "shardinfer.json"
@@ -25,7 +26,7 @@ def is_checkpoint(path: Path) -> bool:
 
 def save_checkpoint(
     path: Path,
-    config: ModelConfig,
+    config: Any,  # a family's config: `to_dict()` is stored
     state: nnx.State,
     dtype,
     tokenizer: Tokenizer | None,
@@ -53,15 +54,19 @@ def save_checkpoint(
         (path / MARKER).write_text(json.dumps(meta, indent=1))
 
 
-def read_checkpoint_config(path: Path) -> tuple[ModelConfig, str | None]:
-    """The model config, and the quantization the arrays are stored in."""
+def read_checkpoint_config(
+    path: Path, families: Callable[[str | None], Any]
+) -> tuple[Any, str | None]:
+    """The model config (read back by the `from_dict` of the family that `families(architecture)`
+    returns: models/registry.py `family_for`), and the quantization the arrays are stored in."""
     try:
         meta = json.loads((path / MARKER).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / MARKER} is corrupted ({e})") from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is unknown")
-    return ModelConfig.from_dict(meta["config"]), meta.get("quantize")
+    config = meta["config"]
+    return families(config.get("architecture")).config_type.from_dict(config), meta.get("quantize")
 
 
 def restore_params(path: Path, abstract: nnx.State, shardings: nnx.State) -> nnx.State:

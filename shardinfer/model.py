@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shardinfer.config import ModelConfig
 from shardinfer.mesh import MeshSpec, make_mesh, mesh_platform
@@ -20,7 +20,7 @@ from shardinfer.models.interface import LAYER_LOOPS
 from shardinfer.models.layer_forms import convert_layers
 from shardinfer.models.registry import Family, family_for, gguf_family, hf_family
 from shardinfer.models.weights import INT8_MODES, QUANTIZE_MODES
-from shardinfer.sharding import Sharder, ShardingRules
+from shardinfer.sharding import Sharder, ShardingRules, fetch_replicated, place
 from shardinfer.weights.gguf_file import GGUFFile
 from shardinfer.weights.hf import SafetensorsDirectory, read_hf_config
 from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR, WeightCache
@@ -82,7 +82,10 @@ class Model:
 
     def __post_init__(self) -> None:
         options = step_compiler_options(self.platform, self.dtype, self.quantize)
-        self._logits_fn = jax.jit(partial(_full_logits, self.graphdef), compiler_options=options)
+        # Replicated out: every process can read the logits (see fetch_replicated).
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._logits_fn = jax.jit(partial(_full_logits, self.graphdef), compiler_options=options,
+                                  out_shardings=replicated)  # fmt: skip
 
     @property
     def family(self) -> Family:
@@ -112,9 +115,8 @@ class Model:
             )
         batch = tokens.shape[0]
         padded = pad_rows(tokens.astype(np.int32), self.data_size)
-        sharding = self.sharder.sharding(("batch", "seq"), padded.shape)
-        out = self._logits_fn(self.state, jax.device_put(padded, sharding))
-        return np.asarray(out)[:batch]
+        out = self._logits_fn(self.state, place(self.sharder, padded, ("batch", "seq")))
+        return fetch_replicated(out)[:batch]
 
     def sharding_table(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(parameter, shape, PartitionSpec) for every parameter, layers folded into one row."""

@@ -3,7 +3,8 @@
 Each run is a fresh process: cold = an empty compilation cache directory, warm = the same
 directory again (what a restarted server finds). The weight cache is the default one.
 
-    python benchmarks/warmup.py [--max-batch 8] [--max-seq-len 2048] [--mesh data=2,model=4 --host-devices 8]
+    python benchmarks/warmup.py [--max-batch 8] [--max-seq-len 2048]
+                                [--mesh data=2,model=4 --host-devices 8]
 """
 
 from __future__ import annotations

@@ -31,6 +31,11 @@ class EngineCore:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        if model.family.kind != "decoder":
+            raise ValueError(
+                f"{model.config.architecture} is an {model.family.kind} family: it embeds text "
+                "and cannot generate; use it through an embedding front end"
+            )
         data = model.data_size
         self.model = model
         self.max_batch = -(-max_batch // data) * data  # rows split evenly over `data`

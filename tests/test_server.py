@@ -352,3 +352,29 @@ def test_sigterm_drains_then_exits_zero(tiny_llama):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize(
+    "messages, words",
+    [
+        ([{"role": "user", "content": ""}], "no non-empty message"),
+        ([{"role": "system", "content": " "}, {"role": "user", "content": "\n"}],
+         "no non-empty message"),
+        ([], "messages"),
+    ],
+)  # fmt: skip
+def test_empty_conversations_are_refused_on_every_front_end(server, messages, words):
+    """HTTP and the Python API refuse the same input with the same message (one validation,
+    in the engine core), and the server stays usable."""
+    body = json.dumps({"model": MODEL, "messages": messages}).encode()
+    code, reply = _post(server[2], "/v1/chat/completions", body)
+    assert code == 400 and words in reply["error"]["message"]
+    llm = server[0]  # validation refuses before anything reaches the engine thread's scheduler
+    with pytest.raises(ValueError, match=words):
+        llm.chat(messages)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        llm.generate([""])
+    code, _ = _post(server[2], "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    ).encode())  # fmt: skip
+    assert code == 200

@@ -21,6 +21,7 @@ from flax import nnx
 
 from shardinfer.engine.kv_cache import (
     KVCache,
+    cache_spec,
     gather_rows,
     init_cache,
     insert,
@@ -125,27 +126,30 @@ class Engine:
     def execute(self, plan: StepPlan) -> StepResult:
         """Runs one plan: prefill and insert, or one decode step and its cache write."""
         self._fit(plan.capacity)
-        sharder = self.model.sharder
         if plan.kind == PREFILL:
-            # Prefill rows (1 or 8) are not split over `data`: every shard computes them and
-            # keeps the rows that land in its slots.
-            rows = lambda a: place(sharder, a, (None,) * a.ndim)  # noqa: E731
-            first, kv = self._prefill(
-                self.model.state, rows(plan.tokens), rows(plan.lengths), _placed(plan, rows)
-            )
-            if (plan.slots < self.slots).any():
-                self.cache = self._insert(self.cache, kv, rows(plan.slots))
+            tokens, lengths, slots, sampling = self._prefill_inputs(plan)
+            first, kv = self._prefill(self.model.state, tokens, lengths, sampling)
+            self.cache = self._insert(self.cache, kv, slots)
             return StepResult(fetch_replicated(first))
         if plan.kind != DECODE:
             raise ValueError(f"unknown step kind {plan.kind}")
-        rows = lambda a: place(sharder, a, ("batch",))  # noqa: E731
-        slots, positions = rows(plan.slots), rows(plan.lengths - 1)
-        new, new_kv = self._decode(
-            self.model.state, self.cache, rows(plan.tokens), rows(plan.lengths), slots,
-            _placed(plan, rows),
-        )  # fmt: skip
+        tokens, lengths, slots, positions, sampling = self._decode_inputs(plan)
+        new, new_kv = self._decode(self.model.state, self.cache, tokens, lengths, slots, sampling)
         self.cache = self._write(self.cache, new_kv, slots, positions)
         return StepResult(fetch_replicated(new))
+
+    def _prefill_inputs(self, plan: StepPlan) -> tuple:
+        """Prefill rows (1 or 8) are not split over `data`: every shard computes them and keeps
+        the rows that land in its slots."""
+        rows = lambda a: place(self.model.sharder, a, (None,) * a.ndim)  # noqa: E731
+        sampling = tuple(rows(a) for a in plan.sampling.as_tuple())
+        return rows(plan.tokens), rows(plan.lengths), rows(plan.slots), sampling
+
+    def _decode_inputs(self, plan: StepPlan) -> tuple:
+        rows = lambda a: place(self.model.sharder, a, ("batch",))  # noqa: E731
+        sampling = tuple(rows(a) for a in plan.sampling.as_tuple())
+        return (rows(plan.tokens), rows(plan.lengths), rows(plan.slots),
+                rows(plan.lengths - 1), sampling)  # fmt: skip
 
     def _fit(self, capacity: int) -> None:
         """Resizes the cache to `capacity` positions (the plan made sure nothing live is cut)."""
@@ -154,36 +158,51 @@ class Engine:
             self.capacity = capacity
 
     def warmup(self) -> dict[str, float]:
-        """Runs every step shape a plan can have once (compiling it, or loading it from the
-        persistent cache): prefills of each row count and width, inserts and decode buckets
-        at each capacity, and every resize between capacities. Writes only to free slots'
-        rows, so call it with no request running."""
-        layout, started = self.layout, time.perf_counter()
+        """Compiles (or loads from the persistent cache) every program a plan can call:
+        prefills of each row count and width, inserts and decode buckets at each capacity,
+        and every resize between capacities. Nothing runs: `jit(f).lower(...).compile()` fills
+        the same cache that `jit(f)(...)` reads, so later calls find the programs ready."""
+        layout, model, started = self.layout, self.model, time.perf_counter()
         caps = capacities(layout)
-        for cap in caps:
-            self._fit(cap)
-            for rows, width in itertools.product(prefill_row_counts(layout), prompt_widths(layout)):
-                if width <= cap:
-                    self.execute(_warmup_prefill(layout, rows, width, cap))
-            for bucket in decode_buckets(layout):
-                self.execute(_warmup_decode(layout, bucket, cap))
+        stacked = model.layer_loop == "scan"
+        spec = {c: cache_spec(model.config, model.sharder, self.slots, c, model.dtype, stacked)
+                for c in caps}  # fmt: skip
+        for rows, width in itertools.product(prefill_row_counts(layout), prompt_widths(layout)):
+            fits = [c for c in caps if c >= width]
+            tokens, lengths, slots, sampling = self._prefill_inputs(
+                _warmup_prefill(layout, rows, width, fits[0])
+            )
+            prefill = self._prefill.lower(model.state, tokens, lengths, sampling).compile()
+            kv = _output_spec(prefill)[1]
+            for cap in fits:
+                self._insert.lower(spec[cap], kv, slots).compile()
+        for cap, bucket in itertools.product(caps, decode_buckets(layout)):
+            tokens, lengths, slots, positions, sampling = self._decode_inputs(
+                _warmup_decode(layout, bucket, cap)
+            )
+            decode = self._decode.lower(model.state, spec[cap], tokens, lengths, slots, sampling)
+            new_kv = _output_spec(decode.compile())[1]
+            self._write.lower(spec[cap], new_kv, slots, positions).compile()
         for a, b in itertools.permutations(caps, 2):
-            self._fit(a)
-            self._fit(b)
-        self._fit(layout.min_capacity)
+            self._resize.lower(spec[a], b).compile()
         seconds = time.perf_counter() - started
         log.info("warm-up: %.1f s", seconds)
         return {"seconds": seconds}
 
 
-def _placed(plan: StepPlan, place_rows) -> tuple:
-    return tuple(place_rows(a) for a in plan.sampling.as_tuple())
+def _output_spec(compiled) -> object:
+    """A compiled program's outputs as ShapeDtypeStructs with their shardings (what the next
+    program in a step receives)."""
+    return jax.tree.map(
+        lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
+        compiled.out_info,
+        compiled.output_shardings,
+    )
 
 
 def _warmup_prefill(layout: SlotLayout, rows: int, width: int, capacity: int) -> StepPlan:
-    """A prefill of `rows` full-width rows, each kept in a slot (the insert runs too)."""
+    """A prefill of `rows` full-width rows, shaped as the scheduler would plan it."""
     sampling = SamplingArrays.greedy(rows)
-    sampling.temperature[0] = 1.0  # both sides of the sampler's greedy/random branch
     slots = np.arange(rows, dtype=np.int32) % layout.slots
     tokens = np.zeros((rows, width), np.int32)
     lengths = np.full(rows, width, np.int32)

@@ -44,6 +44,22 @@ def cache_shardings(
     return one if stacked else [one] * cfg.num_layers
 
 
+def cache_spec(
+    cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int, dtype, stacked: bool = True
+) -> KVCache:
+    """The cache's shapes, dtypes and shardings, allocating nothing (to compile for it)."""
+    shapes = _layer_shapes(cfg, batch, max_len)
+    lead = (cfg.num_layers,) if stacked else ()
+
+    def spec(shape, sharding):
+        return jax.ShapeDtypeStruct(lead + shape, dtype, sharding=sharding)
+
+    shardings = cache_shardings(cfg, sharder, batch, max_len, stacked)
+    one = shardings if stacked else shardings[0]
+    layer = LayerKV(spec(shapes.k, one.k), spec(shapes.v, one.v))
+    return layer if stacked else [layer] * cfg.num_layers
+
+
 def init_cache(
     cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int, dtype, stacked: bool = True
 ) -> KVCache:

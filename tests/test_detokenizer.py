@@ -9,6 +9,7 @@ from tokenizers import decoders, models
 from shardinfer.engine.detokenizer import IncrementalDetokenizer
 from shardinfer.engine.request import Request
 from shardinfer.engine.sampling import SamplingParams
+from shardinfer.models.registry import gguf_family
 from shardinfer.weights.gguf_file import GGUFFile
 from shardinfer.weights.registry import resolve_registry_name
 from shardinfer.weights.tokenizer import Tokenizer
@@ -19,7 +20,8 @@ TEXT = "naïve café 東京 👩‍👩‍👧 🎉 Ünïcödé — ok."
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     # Only the GGUF metadata is read: no model weights, no JAX.
-    return Tokenizer.from_gguf(GGUFFile(resolve_registry_name("smollm2-135m-instruct")))
+    path = resolve_registry_name("smollm2-135m-instruct")
+    return Tokenizer.from_gguf(GGUFFile(path, gguf_family))
 
 
 def _llama2_style() -> Tokenizer:

@@ -9,6 +9,7 @@ process can read them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -55,6 +56,8 @@ PREFILL_ROWS = 8
 # position in use, so a decode step attends over the whole array and never slices its
 # positions (on XLA:CPU such a slice was a copy per layer, ~30% of a batch-32 step).
 DECODE_MIN_CACHE = 128
+# Threads that compile (or load from the persistent cache) while warmup lowers the next program.
+WARMUP_THREADS = 2
 
 
 def prefill_logits(graphdef, state, tokens, lengths):
@@ -167,24 +170,37 @@ class Engine:
         stacked = model.layer_loop == "scan"
         spec = {c: cache_spec(model.config, model.sharder, self.slots, c, model.dtype, stacked)
                 for c in caps}  # fmt: skip
-        for rows, width in itertools.product(prefill_row_counts(layout), prompt_widths(layout)):
-            fits = [c for c in caps if c >= width]
-            tokens, lengths, slots, sampling = self._prefill_inputs(
-                _warmup_prefill(layout, rows, width, fits[0])
-            )
-            prefill = self._prefill.lower(model.state, tokens, lengths, sampling).compile()
-            kv = _output_spec(prefill)[1]
-            for cap in fits:
-                self._insert.lower(spec[cap], kv, slots).compile()
-        for cap, bucket in itertools.product(caps, decode_buckets(layout)):
-            tokens, lengths, slots, positions, sampling = self._decode_inputs(
-                _warmup_decode(layout, bucket, cap)
-            )
-            decode = self._decode.lower(model.state, spec[cap], tokens, lengths, slots, sampling)
-            new_kv = _output_spec(decode.compile())[1]
-            self._write.lower(spec[cap], new_kv, slots, positions).compile()
-        for a, b in itertools.permutations(caps, 2):
-            self._resize.lower(spec[a], b).compile()
+        # Lowering is Python (one thread); XLA compiles, or reads the persistent cache, in
+        # worker threads meanwhile. An insert or write is lowered once the program before it
+        # in a step is compiled: its input is that program's output, shardings included.
+        with concurrent.futures.ThreadPoolExecutor(WARMUP_THREADS) as pool:
+            compile_ = lambda lowered: pool.submit(lowered.compile)  # noqa: E731
+            followers = []
+            for rows, width in itertools.product(prefill_row_counts(layout),
+                                                 prompt_widths(layout)):  # fmt: skip
+                fits = [c for c in caps if c >= width]
+                tokens, lengths, slots, sampling = self._prefill_inputs(
+                    _warmup_prefill(layout, rows, width, fits[0])
+                )
+                prefill = compile_(self._prefill.lower(model.state, tokens, lengths, sampling))
+                inserts = [lambda kv, c=c, s=slots: self._insert.lower(spec[c], kv, s)
+                           for c in fits]  # fmt: skip
+                followers.append((prefill, inserts))
+            for cap, bucket in itertools.product(caps, decode_buckets(layout)):
+                tokens, lengths, slots, positions, sampling = self._decode_inputs(
+                    _warmup_decode(layout, bucket, cap)
+                )
+                decode = compile_(self._decode.lower(model.state, spec[cap], tokens, lengths,
+                                                     slots, sampling))  # fmt: skip
+                write = lambda kv, c=cap, s=slots, p=positions: self._write.lower(spec[c], kv, s, p)  # noqa: E731
+                followers.append((decode, [write]))
+            pending = [compile_(self._resize.lower(spec[a], b))
+                       for a, b in itertools.permutations(caps, 2)]  # fmt: skip
+            for first, nexts in followers:
+                kv = _output_spec(first.result())[1]
+                pending += [compile_(lower(kv)) for lower in nexts]
+            for future in pending:
+                future.result()
         seconds = time.perf_counter() - started
         log.info("warm-up: %.1f s", seconds)
         return {"seconds": seconds}

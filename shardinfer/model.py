@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from shardinfer.config import ModelConfig
 from shardinfer.mesh import MeshSpec, make_mesh, mesh_platform
@@ -20,7 +21,7 @@ from shardinfer.models.interface import LAYER_LOOPS
 from shardinfer.models.layer_forms import convert_layers
 from shardinfer.models.registry import Family, family_for, gguf_family, hf_family
 from shardinfer.models.weights import INT8_MODES, QUANTIZE_MODES
-from shardinfer.sharding import Sharder, ShardingRules, fetch_replicated, place
+from shardinfer.sharding import Sharder, ShardingRules, place
 from shardinfer.weights.gguf_file import GGUFFile
 from shardinfer.weights.hf import SafetensorsDirectory, read_hf_config
 from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR, WeightCache
@@ -63,8 +64,9 @@ def resolve_layer_loop(layer_loop: str | None, platform: str) -> str:
     return layer_loop
 
 
-def as_mesh(mesh: Mesh | MeshSpec) -> Mesh:
-    return mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
+def as_mesh(mesh: Mesh | MeshSpec, rules: ShardingRules | None = None) -> Mesh:
+    """A Mesh as given, or one built from a spec over the axes `rules` use."""
+    return mesh if isinstance(mesh, Mesh) else make_mesh(mesh, rules=rules)
 
 
 @dataclasses.dataclass
@@ -82,10 +84,7 @@ class Model:
 
     def __post_init__(self) -> None:
         options = step_compiler_options(self.platform, self.dtype, self.quantize)
-        # Replicated out: every process can read the logits (see fetch_replicated).
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._logits_fn = jax.jit(partial(_full_logits, self.graphdef), compiler_options=options,
-                                  out_shardings=replicated)  # fmt: skip
+        self._logits_fn = jax.jit(partial(_full_logits, self.graphdef), compiler_options=options)
 
     @property
     def family(self) -> Family:
@@ -116,7 +115,9 @@ class Model:
         batch = tokens.shape[0]
         padded = pad_rows(tokens.astype(np.int32), self.data_size)
         out = self._logits_fn(self.state, place(self.sharder, padded, ("batch", "seq")))
-        return fetch_replicated(out)[:batch]
+        # Gathered to the host (from every process's devices when the mesh spans several),
+        # never replicated on the devices: [B, T, vocab] float32 can be gigabytes.
+        return np.asarray(multihost_utils.process_allgather(out, tiled=True))[:batch]
 
     def sharding_table(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(parameter, shape, PartitionSpec) for every parameter, layers folded into one row."""
@@ -221,7 +222,7 @@ def load_model(
     straight into the shards of `mesh`. `layer_loop` ("scan" or "unrolled") is picked for the
     platform when None. A GGUF file's dequantized weights are kept under `weight_cache` (None:
     not kept) and memory-mapped by the next load (weights/host_cache.py)."""
-    mesh = as_mesh(mesh)
+    mesh = as_mesh(mesh, rules)
     platform = mesh_platform(mesh)
     dtype, loop = resolve_dtype(dtype, platform), resolve_layer_loop(layer_loop, platform)
     sharder = Sharder(mesh, rules or ShardingRules.load())

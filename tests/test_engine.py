@@ -153,3 +153,29 @@ def test_decode_buckets_match_hf_on_every_mesh(tiny_llama, mesh):
                 do_sample=False, max_new_tokens=n,
             )[0, len(prompt):].tolist()  # fmt: skip
         assert out.token_ids == expected
+
+
+def test_a_failed_step_ends_its_requests_with_error_and_the_engine_recovers(llm, monkeypatch):
+    """A program that fails after its cache was donated (here: the decode's cache write)
+    ends the running requests with "error" and raises; the next requests run normally."""
+    greedy = si.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = llm.generate([[5, 6, 7]], greedy)[0].token_ids
+    engine = llm.core.engine
+    real_write = engine._write
+    calls = {"n": 0}
+
+    def failing_write(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_write(*args)  # consumes the donated cache, as a failing device call may
+            raise RuntimeError("device lost")
+        return real_write(*args)
+
+    monkeypatch.setattr(engine, "_write", failing_write)
+    requests = [llm.core.make_request(p, greedy) for p in ([1, 2], [5, 6, 7])]
+    with pytest.raises(RuntimeError, match="device lost"):
+        for _ in llm.core.run(requests):
+            pass
+    assert {r.finish_reason for r in requests} == {"error"}
+    assert llm.metrics.live_slots == 0
+    assert llm.generate([[5, 6, 7]], greedy)[0].token_ids == expected

@@ -166,3 +166,21 @@ def test_commit_needs_the_plan_just_made():
     other = dataclasses.replace(plan)
     with pytest.raises(RuntimeError, match="plan\\(\\) returned last"):
         scheduler.commit(other, engine.execute(other))
+
+
+def test_a_failed_step_fails_what_ran_and_keeps_the_queue():
+    scheduler, engine = Scheduler(LAYOUT, seed=0), FakeEngine()
+    running = _request(4, max_tokens=10)
+    scheduler.add(running)
+    plan = scheduler.plan()
+    scheduler.commit(plan, engine.execute(plan))
+    admitted, queued = _request(4, max_tokens=10), _request(5, max_tokens=10)
+    scheduler.add(admitted)
+    plan = scheduler.plan()  # decodes `running`
+    scheduler.fail(plan)
+    assert running.finish_reason == "error" and scheduler.live_slots() == 0
+    scheduler.add(queued)
+    plan = scheduler.plan()  # the queue survived: both are admitted now
+    assert plan.kind == PREFILL and plan.rows == 4
+    scheduler.commit(plan, engine.execute(plan))
+    assert len(admitted.output_ids) == 1 and len(queued.output_ids) == 1

@@ -4,6 +4,7 @@ The command-line cases run `shardinfer.cli.main` in this process with `_load_mod
 one that fails the test, so "refused before loading anything" is checked, not timed.
 """
 
+import numpy as np
 import pytest
 
 import shardinfer as si
@@ -140,3 +141,34 @@ def test_serve_has_no_warmup_flag():
     args = cli._parser().parse_args(["serve", "--no-warmup"])
     assert args.no_warmup is True
     assert cli._parser().parse_args(["serve"]).no_warmup is False
+
+
+def test_load_model_builds_a_spec_mesh_over_its_own_rules(tiny_llama):
+    rules = si.ShardingRules.load()
+    renamed = si.ShardingRules(
+        tuple((name, {"data": "dp", "model": "tp"}.get(axis, axis)) for name, axis in rules.rules)
+    )
+    model = si.load_model(tiny_llama, mesh="dp=2,tp=4", rules=renamed)
+    assert dict(model.mesh.shape) == {"dp": 2, "tp": 4}
+    plain = si.load_model(tiny_llama, mesh="data=2,model=4")
+    np.testing.assert_allclose(model.logits([[1, 2, 3]]), plain.logits([[1, 2, 3]]), atol=1e-5)
+
+
+def test_a_template_that_refuses_a_conversation_is_a_value_error():
+    import tokenizers
+    from tokenizers import models
+
+    from shardinfer.weights.tokenizer import Tokenizer
+
+    backend = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m.role == messages[loop.index0 - 1]"
+        ".role %}{{ raise_exception('roles must alternate') }}{% endif %}{{ m.content }}"
+        "{% endfor %}"
+    )
+    tok = Tokenizer(backend, chat_template=template)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    with pytest.raises(ValueError, match="chat template refused the conversation: roles must"):
+        tok.apply_chat_template(
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        )

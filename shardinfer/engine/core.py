@@ -128,8 +128,11 @@ class EngineCore:
             return []
         try:
             result = self.engine.execute(plan)
-        except BaseException:
-            self.scheduler.cancel(plan)
+        except Exception:
+            # Fail what ran (its cache may be gone), keep the queue, start the cache afresh:
+            # the next step works again.
+            self.scheduler.fail(plan)
+            self.engine.reset_cache()
             raise
         return self.scheduler.commit(plan, result)
 

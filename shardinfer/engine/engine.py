@@ -95,16 +95,16 @@ class Engine:
             logits, kv = prefill_logits(graphdef, state, tokens, lengths)
             return sharder.replicate(sample(logits, lengths, *sampling)), kv
 
-        def decode(state, cache, tokens, lengths, slots_, sampling):
+        def decode(state, cache, tokens, lengths, slot_ids, sampling):
             whole = tokens.shape[0] == slots  # the full bucket reads the cache in place
-            view = cache if whole else gather_rows(cache, slots_, shards)
+            view = cache if whole else gather_rows(cache, slot_ids, shards)
             logits, new_kv = decode_logits(graphdef, state, view, tokens, lengths - 1)
             return sharder.replicate(sample(logits, lengths, *sampling)), new_kv
 
-        def write(cache, new_kv, slots_, positions):
+        def write(cache, new_kv, slot_ids, positions):
             if positions.shape[0] == slots:
                 return write_at(cache, new_kv, positions)
-            return write_rows(cache, new_kv, slots_, positions, shards)
+            return write_rows(cache, new_kv, slot_ids, positions, shards)
 
         options = step_compiler_options(model.platform, model.dtype, model.quantize)
         jit = partial(jax.jit, compiler_options=options)
@@ -118,13 +118,16 @@ class Engine:
         self._decode = jit(decode)
         self._write = jit(write, donate_argnums=(0,))
         self._resize = jit(resize, static_argnums=(1,))  # a new shape: nothing to donate
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        """A fresh, empty cache at the smallest capacity (at start, and after a failed step,
+        which may have consumed the donated one)."""
+        model = self.model
         self.capacity = self.layout.min_capacity
         stacked = model.layer_loop == "scan"
-        cfg = model.config
-        self.cache = init_cache(cfg, sharder, slots, self.capacity, model.dtype, stacked)
-
-    def shard_of(self, slot: int) -> int:
-        return self.layout.shard_of(slot)
+        self.cache = init_cache(model.config, model.sharder, self.slots, self.capacity,
+                                model.dtype, stacked)  # fmt: skip
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Runs one plan: prefill and insert, or one decode step and its cache write."""
@@ -136,14 +139,18 @@ class Engine:
             return StepResult(fetch_replicated(first))
         if plan.kind != DECODE:
             raise ValueError(f"unknown step kind {plan.kind}")
+        if plan.rows == self.slots and (plan.slots != np.arange(self.slots)).any():
+            # The full bucket reads and writes the cache in place, row r = slot r.
+            raise ValueError("a decode plan over every slot must list them in order")
         tokens, lengths, slots, positions, sampling = self._decode_inputs(plan)
         new, new_kv = self._decode(self.model.state, self.cache, tokens, lengths, slots, sampling)
         self.cache = self._write(self.cache, new_kv, slots, positions)
         return StepResult(fetch_replicated(new))
 
     def _prefill_inputs(self, plan: StepPlan) -> tuple:
-        """Prefill rows (1 or 8) are not split over `data`: every shard computes them and keeps
-        the rows that land in its slots."""
+        """Prefill inputs are placed whole on every device (1 or 8 rows need not divide
+        `data`); the model's constraints then split the batch where it divides, and the
+        insert moves each row to its slot's shard."""
         rows = lambda a: place(self.model.sharder, a, (None,) * a.ndim)  # noqa: E731
         sampling = tuple(rows(a) for a in plan.sampling.as_tuple())
         return rows(plan.tokens), rows(plan.lengths), rows(plan.slots), sampling

@@ -72,5 +72,10 @@ class SamplingArrays:
         self.top_p[row] = params.top_p
         self.seed[row] = seed % 2**32
 
+    def copy_row(self, row: int, other: SamplingArrays, other_row: int) -> None:
+        """Row `row` takes row `other_row` of `other`."""
+        for mine, theirs in zip(self.as_tuple(), other.as_tuple(), strict=True):
+            mine[row] = theirs[other_row]
+
     def as_tuple(self):
         return (self.temperature, self.top_k, self.top_p, self.seed)

@@ -20,7 +20,7 @@ class RequestOutput:
     finish_reason: str  # "stop" (an end token or stop string) | "length"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a request is itself: compared (and found) by identity
 class Request:
     prompt_ids: list[int]
     params: SamplingParams

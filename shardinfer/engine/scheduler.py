@@ -167,11 +167,20 @@ class Scheduler:
             return None
         return free[min(free, key=lambda shard: (load[shard], shard))]
 
-    def cancel(self, plan: StepPlan) -> None:
-        """The plan failed to execute: forget it (its requests stay where they are, for the
-        front end to abort or retry)."""
+    def fail(self, plan: StepPlan) -> list[Request]:
+        """The plan failed to execute. The cache may be lost with it (a program that failed
+        after its cache was donated), so every request in a slot ends with "error" and its
+        slot is freed; waiting requests stay queued. Returns the failed requests."""
         if self._planned is not None and self._planned[0] is plan:
             self._planned = None
+        failed = [r for r in self.running if r is not None]
+        for slot, request in enumerate(self.running):
+            if request is not None:
+                request.finish_reason = request.finish_reason or "error"
+                self._free(slot)
+        self._admitted_last_step = False
+        self._update_gauges()
+        return failed
 
     # ---- committing ---------------------------------------------------------------------------
 
@@ -195,10 +204,7 @@ class Scheduler:
                 self.metrics.prefill_tokens += len(request.prompt_ids)
                 if self.metrics.first_token_at is None:
                     self.metrics.first_token_at = request.first_token_at
-                self.sampling.temperature[slot] = plan.sampling.temperature[row]
-                self.sampling.top_k[slot] = plan.sampling.top_k[row]
-                self.sampling.top_p[slot] = plan.sampling.top_p[row]
-                self.sampling.seed[slot] = plan.sampling.seed[row]
+                self.sampling.copy_row(slot, plan.sampling, row)
             self.tokens[slot], self.cached[slot] = token, plan.lengths[row]
             if request.done:
                 self.metrics.record_finished(request)
@@ -211,9 +217,7 @@ class Scheduler:
     def _free(self, slot: int) -> None:
         self.running[slot] = None
         self.tokens[slot] = self.cached[slot] = 0
-        greedy = SamplingArrays.greedy(1)
-        for name in ("temperature", "top_k", "top_p", "seed"):
-            getattr(self.sampling, name)[slot] = getattr(greedy, name)[0]
+        self.sampling.copy_row(slot, SamplingArrays.greedy(1), 0)
 
     def _update_gauges(self) -> None:
         self.metrics.queue_length = len(self.waiting)

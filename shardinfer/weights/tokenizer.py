@@ -72,12 +72,15 @@ class Tokenizer:
                 "this model's tokenizer has no chat template; pass raw prompts instead"
             )
         _check_messages(messages)
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.exceptions.TemplateError as e:  # the template refused these messages
+            raise ValueError(f"the chat template refused the conversation: {e}") from e
 
     def save(self, directory: Path) -> None:
         """Writes tokenizer.json and tokenizer_config.json, which `from_hf_dir` reads back."""

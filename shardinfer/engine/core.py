@@ -82,7 +82,9 @@ class EngineCore:
 
     def chat_ids(self, messages: list[Message], index: int | None = None) -> list[int]:
         """A conversation through the model's chat template, as token ids."""
-        tokenizer = self.require_tokenizer()
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        tokenizer = self.tokenizer
         if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
             contents = [m.get("content") for m in messages]
             if all(isinstance(c, str) and not c.strip() for c in contents):

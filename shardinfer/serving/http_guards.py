@@ -44,8 +44,9 @@ class _BodyLimit:
 
 
 def install_guards(app: FastAPI, api_key: str | None, refused: Callable[[str], None]) -> None:
-    """`refused(outcome)` counts each request turned away as invalid. `app.state.draining`
-    (set on SIGTERM) makes /v1 answer 503."""
+    """`refused(outcome)` counts the requests turned away as invalid (a body too large or
+    malformed); those refused for draining (503), a wrong API key (401) or content type (415)
+    are not counted. `app.state.draining` (set on SIGTERM) makes /v1 answer 503."""
     app.state.draining = False
 
     def too_large():

@@ -127,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="devices, processes, version")
     info.add_argument("--host-devices", type=int, default=None)
+
+    launch = sub.add_parser("launch", help="N local processes forming one mesh (stand-in hosts)")
+    launch.add_argument("--num-processes", type=int, required=True)
+    launch.add_argument("--host-devices", type=int, default=None, help="CPU devices per process")
+    launch.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                        help="the shardinfer command each process runs")  # fmt: skip
     return p
 
 
@@ -215,9 +221,17 @@ def _info() -> None:
         print(f"  {d.id}: {d.device_kind} (process {d.process_index})")
 
 
+def _is_master() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _print_sharding(model) -> None:
     from shardinfer.mesh import describe_mesh
 
+    if not _is_master():
+        return
     print(describe_mesh(model.mesh), file=sys.stderr)
     rows = model.sharding_table()
     width = max(len(name) for name, _, _ in rows)
@@ -240,7 +254,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     model = _load_model(args, args.mesh)
-    print(f"loaded {args.model} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    if _is_master():
+        print(f"loaded {args.model} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     _print_sharding(model)
     cache = None if args.compilation_cache.lower() == "none" else args.compilation_cache
     llm = si.LLM(
@@ -257,6 +272,8 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     seconds = time.perf_counter() - started
+    if not _is_master():  # under launch, only process 0 prints the answer
+        return
     for prompt, out in zip(args.prompt, outs, strict=True):
         if len(args.prompt) > 1:
             print(f"### {prompt}")
@@ -332,12 +349,28 @@ def _convert(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "launch":  # a supervisor: no JAX in this process
+        from shardinfer.launch import launch
+
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        try:
+            return launch(args.num_processes, rest, args.host_devices)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         _check_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _set_host_devices(args.host_devices)
+    from shardinfer import distributed
+
+    try:  # before anything starts JAX's backend; a no-op for one process
+        distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from shardinfer.engine.broadcast import broadcast_plan, buffer_size, is_master, multi_process
 from shardinfer.engine.engine import Engine
 from shardinfer.engine.metrics import EngineMetrics, compilations
 from shardinfer.engine.params import SamplingParams
@@ -42,6 +43,8 @@ class EngineCore:
         self.max_seq_len = max_seq_len
         self.engine = Engine(model, self.max_batch, max_seq_len)
         self.scheduler = Scheduler(self.engine.layout, seed)
+        # Words of the plan broadcast when the mesh spans processes (0: one process).
+        self._wire = buffer_size(self.engine.layout) if multi_process() else 0
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -124,11 +127,16 @@ class EngineCore:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[Request]:
-        """One step: the requests that got a token (none when there is nothing to do)."""
+        """One step: the requests that got a token (none when there is nothing to do).
+
+        In a multi-process run this is process 0's: its plan is broadcast, and every other
+        process executes it in `follow`."""
         plan = self.scheduler.plan()
         if plan is None:
             return []
         try:
+            if self._wire:
+                broadcast_plan(plan, self._wire)
             result = self.engine.execute(plan)
         except Exception:
             # Fail what ran (its cache may be gone), keep the queue, start the cache afresh:
@@ -140,7 +148,8 @@ class EngineCore:
 
     def run(self, requests: Sequence[Request]) -> Iterator[list[Request]]:
         """Queues the requests and steps until they are all done, yielding each step's touched
-        requests (for streaming). A caller that stops early aborts what is left."""
+        requests (for streaming). A caller that stops early aborts what is left. In a
+        multi-process run, the other processes follow (`follow`) until this run ends."""
         for r in requests:
             self.add(r)
         try:
@@ -150,6 +159,20 @@ class EngineCore:
             for r in requests:
                 if not r.done:
                     self.abort(r)
+            if self._wire:
+                broadcast_plan(None, self._wire)  # DONE: the followers return
+
+    def follow(self) -> None:
+        """A process other than 0: executes process 0's plans until it says the run is over."""
+        if not self._wire or is_master():
+            raise RuntimeError("follow() is for the processes other than 0 of a multi-process run")
+        while (plan := broadcast_plan(None, self._wire)) is not None:
+            self.engine.execute(plan)
+
+    @property
+    def leads(self) -> bool:
+        """Whether this process plans (process 0, or the only one)."""
+        return not self._wire or is_master()
 
     def warmup(self) -> dict[str, float]:
         """Compiles (or loads from the persistent cache) every step shape; returns the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from shardinfer.compile_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
+from shardinfer.engine.broadcast import multi_process, share_json
 from shardinfer.engine.core import EngineCore, Prompt
 from shardinfer.engine.metrics import EngineMetrics
 from shardinfer.engine.params import SamplingParams
@@ -88,8 +90,13 @@ class LLM:
         return self._generate(prompt_ids, params)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of one prompt, as they are produced."""
+        """Text deltas of one prompt, as they are produced (on process 0 of a multi-process
+        run; the other processes yield nothing and return when it is done)."""
         self.core.require_tokenizer()
+        if not self.core.leads:
+            self.core.make_request(self.core.prompt_ids(prompt), params)  # the same checks
+            self.core.follow()
+            return
         request = self.core.make_request(self.core.prompt_ids(prompt), params)
         for _ in self.core.run([request]):
             delta = request.take_delta()
@@ -104,9 +111,15 @@ class LLM:
         requests = [
             self.core.make_request(ids, p) for ids, p in zip(prompt_ids, params, strict=True)
         ]
+        if not self.core.leads:  # another process plans: execute its steps, then its results
+            self.core.follow()
+            return [RequestOutput(**o) for o in share_json(None)]
         for _ in self.core.run(requests):
             pass
-        return [r.output() for r in requests]
+        outputs = [r.output() for r in requests]
+        if multi_process():
+            share_json([dataclasses.asdict(o) for o in outputs])
+        return outputs
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="N local processes forming one mesh (stand-in hosts)")
     launch.add_argument("--num-processes", type=int, required=True)
     launch.add_argument("--host-devices", type=int, default=None, help="CPU devices per process")
-    launch.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+    launch.add_argument("rest", nargs=argparse.REMAINDER, metavar="command",
                         help="the shardinfer command each process runs")  # fmt: skip
     return p
 

@@ -11,6 +11,7 @@ non-zero, naming the process and how it ended: a dead peer costs at most ~`grace
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,10 +30,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Gloo prints a line to stdout per peer connection it makes ("[Gloo] Rank 2 is connected to 7
+# peer ranks. Expected number of connected peer ranks is : 7"), from several threads at once,
+# so lines come interleaved; they say nothing a user needs and would mix into the output.
+_GLOO_CHATTER = re.compile(r".*connected peer ranks is : \d+$")
+
+
 def _pump(stream, prefix: str, out) -> None:
     for line in iter(stream.readline, ""):
-        out.write(f"{prefix}{line}")
-        out.flush()
+        if not _GLOO_CHATTER.match(line):
+            out.write(f"{prefix}{line}")
+            out.flush()
 
 
 def _stopped(pid: int) -> bool:

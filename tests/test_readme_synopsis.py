@@ -60,7 +60,7 @@ def _items(usage: str) -> list[tuple[str, str | None, int]]:
         elif tok == "]":
             depth -= 1
             assert depth >= 0, f"unbalanced brackets in {usage!r}"
-        elif tok.startswith("-") and i < len(tokens) and tokens[i] not in ("[", "]"):
+        elif tok != "--" and tok.startswith("-") and i < len(tokens) and tokens[i] not in "[]":
             if tokens[i].startswith("-"):
                 items.append((tok, None, depth))
             else:
@@ -147,6 +147,8 @@ def test_the_synopsis_names_no_option_that_does_not_exist(parsers):
             if not a.option_strings and not isinstance(a, argparse._HelpAction)
         ]
         for word, _, _ in _items(usage):
+            if word == "--":  # the end of options, before a command to pass on (launch)
+                continue
             if word.startswith("-"):
                 assert word in known, f"README: shardinfer {command} has no option {word}"
             elif word != "...":

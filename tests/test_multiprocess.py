@@ -1,0 +1,141 @@
+"""Several processes, one mesh (local processes joined by jax.distributed over gloo stand in
+for hosts): the same numbers as one process, and a dead process ends the run in bounded time."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shardinfer as si
+
+SCRIPT = Path(__file__).with_name("multiprocess_script.py")
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return env | extra
+
+
+def _launch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardinfer.cli", "launch", *args],
+                          capture_output=True, text=True, env=_env(), timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict:
+    """The Python API in 2 processes x 4 devices, mesh data=2,model=4 (what each process saw)."""
+    out = tmp_path_factory.mktemp("mp") / "result"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(out), "data=2,model=4"],
+            env=_env(
+                XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                SHARDINFER_COORDINATOR=f"127.0.0.1:{port}",
+                SHARDINFER_NUM_PROCESSES="2",
+                SHARDINFER_PROCESS_ID=str(i),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    return {i: json.loads(Path(f"{out}.{i}").read_text()) for i in range(2)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference(mesh) -> dict:
+    model = si.load_model("smollm2-135m-instruct", mesh=mesh, weight_cache=None)
+    llm = si.LLM(model, max_batch=4, max_seq_len=256, compilation_cache=None)
+    greedy = llm.chat(CHAT, si.SamplingParams(max_tokens=12, temperature=0.0))[0]
+    seeded = si.SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=5)
+    sampled = llm.generate(["Once upon a time"] * 2, seeded)
+    logits = model.logits([[1, 2, 3, 4], [5, 6, 7, 8]])
+    return {"greedy": greedy.token_ids, "sampled": [o.token_ids for o in sampled],
+            "logits": logits}  # fmt: skip
+
+
+def test_two_processes_equal_one_process_and_one_device(two_processes):
+    import jax
+
+    first, second = two_processes[0], two_processes[1]
+    assert (first["processes"], first["devices"]) == (2, 8)
+    # Every process got the same outputs (process 0's, shared at the end of each run).
+    for key in ("greedy", "greedy_text", "sampled", "argmax"):
+        assert first[key] == second[key], key
+    assert "Paris" in first["greedy_text"]
+    for mesh in (si.make_mesh("data=2,model=4"), si.make_mesh("data=1", devices=jax.devices()[:1])):
+        ref = _reference(mesh)
+        assert first["greedy"] == ref["greedy"]
+        assert first["sampled"] == ref["sampled"]  # seeded: the same draws on any mesh
+        # float32 sums in another order (a different split over devices): logits of ~10-30
+        # agree to ~3e-4.
+        head = np.array(first["logits_head"])
+        np.testing.assert_allclose(head, ref["logits"][:, :, :64], atol=1e-3, rtol=1e-4)
+
+
+def test_generate_under_launch_prints_once_what_one_process_prints(tmp_path):
+    cache = str(tmp_path / "jax")
+    args = ["generate", "--mesh", "data=2,model=4", "--prompt", "What is the capital of France?",
+            "--max-tokens", "12", "--compilation-cache", cache]  # fmt: skip
+    done = _launch("--num-processes", "2", "--host-devices", "4", "--", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "shardinfer.cli", *args, "--host-devices", "8"],
+                            capture_output=True, text=True, env=_env(), timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    # Only process 0 prints the answer, prefixed with its process.
+    assert done.stdout == "".join(f"[0] {line}\n" for line in single.stdout.splitlines())
+    assert "Paris" in done.stdout
+
+
+def test_a_killed_process_ends_launch_in_bounded_time_naming_it():
+    """SIGKILL to process 1 mid-run: launch stops process 0 and exits non-zero, naming
+    process 1, within the bound: 0.1 s to notice + up to 5 s for the others to stop."""
+    cmd = [sys.executable, "-m", "shardinfer.cli", "launch", "--num-processes", "2",
+           "--host-devices", "2", "--", "generate", "--mesh", "data=2,model=2", "--prompt", "hi",
+           "--max-tokens", "100000", "--max-seq-len", "2048", "--raw"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())  # fmt: skip
+    try:
+        pids = {}
+        deadline = time.monotonic() + 300
+        while len(pids) < 2:
+            line = proc.stderr.readline()
+            assert line and time.monotonic() < deadline, "launch did not start its processes"
+            if m := re.match(r"launch: process (\d) is pid (\d+)", line):
+                pids[int(m[1])] = int(m[2])
+        time.sleep(8)  # joined, loading or generating
+        assert proc.poll() is None
+        killed_at = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)
+        code = proc.wait(timeout=30)
+        elapsed = time.monotonic() - killed_at
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code != 0
+    assert "launch: process 1 was killed by SIGKILL" in rest
+    assert elapsed < 7.0, elapsed
+    for pid in pids.values():  # nothing left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

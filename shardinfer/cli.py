@@ -309,6 +309,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    import jax
     import uvicorn
 
     import shardinfer as si
@@ -316,6 +317,8 @@ def _serve(args: argparse.Namespace) -> None:
     from shardinfer.serving.http import DrainingServer, create_app
     from shardinfer.serving.router import Router, split_devices
 
+    if jax.process_count() > 1:
+        return _serve_across_processes(args)
     engines = []
     for devices in split_devices(args.replicas):
         mesh = si.make_mesh(args.mesh, devices=devices)
@@ -331,6 +334,42 @@ def _serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = DrainingServer(config, app, engine)
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        server.run()
+    finally:
+        engine.stop()
+
+
+def _serve_across_processes(args: argparse.Namespace) -> None:
+    """One engine over the mesh of every process: process 0 serves HTTP and plans, the others
+    follow its plans until it shuts down (SIGTERM to them is left to process 0's drain)."""
+    import signal
+
+    import jax
+    import uvicorn
+
+    import shardinfer as si
+    from shardinfer.serving.async_engine import AsyncEngine
+    from shardinfer.serving.http import DrainingServer, create_app
+
+    if args.replicas != 1:
+        raise ValueError("--replicas with several processes is not supported yet")
+    model = _load_model(args, si.make_mesh(args.mesh))
+    _print_sharding(model)
+    llm = si.LLM(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+    if not args.no_warmup:
+        llm.warmup()
+    if not _is_master():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # process 0 drains, then tells us to stop
+        llm.core.follow()
+        return
+    engine = AsyncEngine(llm)
+    app = create_app(engine, args.model, api_key=args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = DrainingServer(config, app, engine)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/v1 over "
+          f"{jax.process_count()} processes", file=sys.stderr)  # fmt: skip
     try:
         server.run()
     finally:

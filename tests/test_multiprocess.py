@@ -139,3 +139,45 @@ def test_a_killed_process_ends_launch_in_bounded_time_naming_it():
     for pid in pids.values():  # nothing left behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_serve_under_launch_answers_openai_and_drains_on_sigterm(tmp_path):
+    """2 processes x 4 devices behind one HTTP server (process 0's): the official client gets
+    the text one process gives, streamed or not; SIGTERM to launch drains, all exit 0."""
+    import openai
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "shardinfer.cli", "launch", "--num-processes", "2",
+           "--host-devices", "4", "--", "serve", "--mesh", "data=2,model=4", "--port", str(port),
+           "--max-batch", "2", "--max-seq-len", "256", "--no-warmup",
+           "--compilation-cache", str(tmp_path / "jax")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())  # fmt: skip
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, "no server"
+                time.sleep(0.5)
+        ask = dict(model="smollm2-135m-instruct", messages=CHAT, max_tokens=12, temperature=0)
+        whole = client.chat.completions.create(**ask).choices[0].message.content
+        pieces = [c.choices[0].delta.content or "" for c in
+                  client.chat.completions.create(**ask, stream=True) if c.choices]  # fmt: skip
+        time.sleep(2.5)  # idle for a while: the followers are kept alive, not timed out
+        again = client.chat.completions.create(**ask).choices[0].message.content
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err[-3000:]
+    assert "stopping the others" not in err  # no process failed
+    model = si.load_model("smollm2-135m-instruct", mesh="data=2,model=4")
+    expected = si.LLM(model, max_batch=2, max_seq_len=256).chat(
+        CHAT, si.SamplingParams(max_tokens=12, temperature=0.0))[0].text  # fmt: skip
+    assert whole == "".join(pieces) == again == expected

@@ -24,6 +24,7 @@ def multi_process() -> bool:
 
 # Message kinds besides StepPlan's PREFILL (0) and DECODE (1).
 DONE = 2  # the current run is over: workers return from `follow`
+IDLE = 3  # nothing to do yet: keeps the followers' collective from waiting forever
 _HEADER = 4  # kind, capacity, rows, width
 
 
@@ -34,11 +35,11 @@ def buffer_size(layout: SlotLayout) -> int:
     return _HEADER + tokens + rows * 6  # lengths, slots, 4 sampling arrays
 
 
-def encode(plan: StepPlan | None, size: int) -> np.ndarray:
-    """A plan (None: DONE) as `size` int32 words; floats travel as their bits."""
+def encode(plan: StepPlan | int | None, size: int) -> np.ndarray:
+    """A plan (None: DONE; or a message kind) as `size` int32 words; floats as their bits."""
     out = np.zeros(size, np.int32)
-    if plan is None:
-        out[0] = DONE
+    if plan is None or isinstance(plan, int):
+        out[0] = DONE if plan is None else plan
         return out
     rows = plan.rows
     width = plan.tokens.shape[1] if plan.tokens.ndim == 2 else 0
@@ -53,10 +54,13 @@ def encode(plan: StepPlan | None, size: int) -> np.ndarray:
     return out
 
 
-def decode(buffer: np.ndarray) -> StepPlan | None:
+def decode(buffer: np.ndarray) -> StepPlan | int | None:
+    """A plan, None for DONE, or IDLE."""
     kind, capacity, rows, width = (int(v) for v in buffer[:_HEADER])
     if kind == DONE:
         return None
+    if kind == IDLE:
+        return IDLE
     n_tokens = rows * width if width else rows
     at = _HEADER
 
@@ -74,8 +78,8 @@ def decode(buffer: np.ndarray) -> StepPlan | None:
     return StepPlan(kind, tokens, lengths, slots, sampling, capacity)
 
 
-def broadcast_plan(plan: StepPlan | None, size: int) -> StepPlan | None:
-    """Process 0's plan (None: DONE), on every process."""
+def broadcast_plan(plan: StepPlan | int | None, size: int) -> StepPlan | int | None:
+    """Process 0's plan (None: DONE; or IDLE), on every process."""
     sent = encode(plan if is_master() else None, size)
     return decode(np.asarray(multihost_utils.broadcast_one_to_all(sent)))
 

@@ -7,11 +7,18 @@ message. A step is plan (scheduler, host) -> execute (engine, devices) -> commit
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from shardinfer.engine.broadcast import broadcast_plan, buffer_size, is_master, multi_process
+from shardinfer.engine.broadcast import (
+    IDLE,
+    broadcast_plan,
+    buffer_size,
+    is_master,
+    multi_process,
+)
 from shardinfer.engine.engine import Engine
 from shardinfer.engine.metrics import EngineMetrics, compilations
 from shardinfer.engine.params import SamplingParams
@@ -21,6 +28,7 @@ from shardinfer.model import Model, check_token_ids
 from shardinfer.weights.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+KEEP_ALIVE_SECONDS = 1.0
 Message = dict[str, str]
 
 
@@ -45,6 +53,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.engine.layout, seed)
         # Words of the plan broadcast when the mesh spans processes (0: one process).
         self._wire = buffer_size(self.engine.layout) if multi_process() else 0
+        self._last_sent = time.monotonic()
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -137,6 +146,7 @@ class EngineCore:
         try:
             if self._wire:
                 broadcast_plan(plan, self._wire)
+                self._last_sent = time.monotonic()
             result = self.engine.execute(plan)
         except Exception:
             # Fail what ran (its cache may be gone), keep the queue, start the cache afresh:
@@ -167,7 +177,21 @@ class EngineCore:
         if not self._wire or is_master():
             raise RuntimeError("follow() is for the processes other than 0 of a multi-process run")
         while (plan := broadcast_plan(None, self._wire)) is not None:
-            self.engine.execute(plan)
+            if plan != IDLE:
+                self.engine.execute(plan)
+
+    def keep_alive(self) -> None:
+        """Process 0 with nothing to do (a server between requests): tells the followers so
+        about once a second, so that they never wait on a collective for long (and a dead
+        follower is noticed while idle too)."""
+        if self._wire and time.monotonic() - self._last_sent > KEEP_ALIVE_SECONDS:
+            broadcast_plan(IDLE, self._wire)
+            self._last_sent = time.monotonic()
+
+    def close(self) -> None:
+        """Process 0: the followers return from `follow` (a server shutting down)."""
+        if self._wire and is_master():
+            broadcast_plan(None, self._wire)
 
     @property
     def leads(self) -> bool:

@@ -106,6 +106,12 @@ class AsyncEngine:
         return bool(self._handles) or not self._inbox.empty()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # in a multi-process run, the other processes' `follow` returns
+            self.core.close()
+
+    def _loop(self) -> None:
         core = self.core
         while not self._stopping.is_set():
             block = not core.has_work()
@@ -123,6 +129,7 @@ class AsyncEngine:
             except queue.Empty:
                 pass
             if not core.has_work():
+                core.keep_alive()
                 continue
             try:
                 touched = core.step()

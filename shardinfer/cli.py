@@ -221,6 +221,16 @@ def _info() -> None:
         print(f"  {d.id}: {d.device_kind} (process {d.process_index})")
 
 
+def _native_stdout_to_stderr() -> None:
+    """Gloo prints a line per peer connection to the C++ stdout, from several threads at once;
+    in a multi-process run that would land in the middle of a command's output. File
+    descriptor 1 goes to stderr, and Python's prints keep the real stdout."""
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real_stdout, "w", buffering=1)
+
+
 def _is_master() -> bool:
     import jax
 
@@ -383,7 +393,10 @@ def _convert(args: argparse.Namespace) -> None:
         args.source, mesh=args.mesh, dtype=args.dtype, quantize=args.quantize, layer_loop="scan"
     )
     model.save(args.dest)
-    print(f"saved {args.source} ({model.num_params():,} parameters, {model.dtype}) to {args.dest}")
+    if _is_master():
+        print(
+            f"saved {args.source} ({model.num_params():,} parameters, {model.dtype}) to {args.dest}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     from shardinfer import distributed
 
     try:  # before anything starts JAX's backend; a no-op for one process
-        distributed.initialize()
+        if distributed.initialize():
+            _native_stdout_to_stderr()
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -212,13 +212,15 @@ def _check_args(args: argparse.Namespace) -> None:
 def _info() -> None:
     import jax
 
-    import shardinfer
+    import shardinfer as si
 
-    print(f"shardinfer {shardinfer.__version__}, jax {jax.__version__}")
+    print(f"shardinfer {si.__version__}, jax {jax.__version__}")
     print(f"process {jax.process_index()} of {jax.process_count()}")
-    print(f"backend {jax.default_backend()}: {jax.device_count()} device(s)")
+    print(f"backend {jax.default_backend()}: {jax.local_device_count()} local device(s), "
+          f"{jax.device_count()} in all")  # fmt: skip
     for d in jax.devices():
-        print(f"  {d.id}: {d.device_kind} (process {d.process_index})")
+        local = " (local)" if d.process_index == jax.process_index() else ""
+        print(f"  {d.id}: {d.device_kind} (process {d.process_index}){local}")
 
 
 def _native_stdout_to_stderr() -> None:

@@ -45,7 +45,7 @@ def test_generate_on_a_simulated_mesh_then_warm_start(tmp_path):
 def test_info_lists_simulated_devices():
     done = _run("info", "--host-devices", "4")
     assert done.returncode == 0, done.stderr
-    assert "4 device(s)" in done.stdout
+    assert "4 local device(s), 4 in all" in done.stdout and "process 0 of 1" in done.stdout
 
 
 def test_bad_mesh_is_a_clear_error():

@@ -99,6 +99,14 @@ def test_two_processes_equal_one_process_and_one_device(two_processes):
         np.testing.assert_allclose(head, ref["logits"][:, :, :64], atol=1e-3, rtol=1e-4)
 
 
+def test_info_under_launch_shows_each_process_and_the_global_devices():
+    done = _launch("--num-processes", "2", "--host-devices", "2", "--", "info", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i in range(2):
+        assert f"[{i}] process {i} of 2" in done.stdout
+        assert f"[{i}] backend cpu: 2 local device(s), 4 in all" in done.stdout
+
+
 def test_generate_under_launch_prints_once_what_one_process_prints(tmp_path):
     cache = str(tmp_path / "jax")
     args = ["generate", "--mesh", "data=2,model=4", "--prompt", "What is the capital of France?",

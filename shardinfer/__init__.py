@@ -1,5 +1,6 @@
 """shardinfer: sharded inference for Flax NNX language models on a JAX device mesh."""
 
+from shardinfer import distributed
 from shardinfer.config import ModelConfig
 from shardinfer.engine.llm import LLM, RequestOutput
 from shardinfer.engine.sampling import SamplingParams
@@ -17,6 +18,7 @@ __all__ = [
     "SamplingParams",
     "ShardingRules",
     "__version__",
+    "distributed",
     "init_random_model",
     "load_model",
     "make_mesh",

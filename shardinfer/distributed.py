@@ -18,9 +18,10 @@ log = logging.getLogger("shardinfer")
 ENV_COORDINATOR = "SHARDINFER_COORDINATOR"
 ENV_NUM_PROCESSES = "SHARDINFER_NUM_PROCESSES"
 ENV_PROCESS_ID = "SHARDINFER_PROCESS_ID"
-# Variables by which jax.distributed finds a cluster by itself.
-_CLUSTER_VARIABLES = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                      "JOB_COMPLETION_INDEX")  # fmt: skip
+# Variables by which jax.distributed finds a cluster by itself (SLURM, Open MPI, TPU VMs).
+# Kubernetes is left to the SHARDINFER_* variables (scripts/k8s-indexed-job.yaml): JAX's
+# own detection there needs the kubernetes client and API access.
+_CLUSTER_VARIABLES = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 # Serving wants faults found in seconds, not JAX's defaults (100 s heartbeat, 300 s shutdown).
 DEFAULT_TIMEOUTS = {"initialization": 120, "heartbeat": 10, "shutdown": 30}
@@ -36,7 +37,7 @@ def initialize(
     """Joins this process to the others, before anything starts JAX's backend.
 
     From the arguments, else SHARDINFER_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, else what
-    jax.distributed detects by itself (SLURM, Open MPI, TPU VMs, Kubernetes indexed Jobs).
+    jax.distributed detects by itself (SLURM, Open MPI, TPU VMs).
     A single process is a no-op. Returns whether processes were joined."""
     env = os.environ if environ is None else environ
     coordinator = coordinator or env.get(ENV_COORDINATOR)

@@ -241,3 +241,54 @@ def test_checkpoints_move_between_process_counts(tmp_path):
     expected = si.LLM(original, max_batch=1, max_seq_len=1024).chat(
         CHAT, si.SamplingParams(max_tokens=10, temperature=0.0))[0].text  # fmt: skip
     assert two.stdout == "".join(f"[0] {line}\n" for line in expected.splitlines())
+
+
+def test_a_server_whose_follower_died_answers_503_not_a_hang(tmp_path):
+    """Two processes serving without a supervisor: process 1 is killed. Process 0's next
+    collective (its once-a-second IDLE) fails, the engine goes down, and a request gets a 503
+    at once; or process 0 itself ends (JAX's coordination service aborts it). Never a hang."""
+    import urllib.error
+    import urllib.request
+
+    port, coordinator = _free_port(), _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "shardinfer.cli", "serve", "--mesh", "data=2,model=2",
+             "--port", str(port), "--max-batch", "2", "--max-seq-len", "128", "--no-warmup",
+             "--compilation-cache", str(tmp_path / "jax")],
+            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                     SHARDINFER_COORDINATOR=f"127.0.0.1:{coordinator}",
+                     SHARDINFER_NUM_PROCESSES="2", SHARDINFER_PROCESS_ID=str(i)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and procs[0].poll() is None, "no server"
+                time.sleep(0.5)
+        procs[1].kill()
+        time.sleep(3)  # an IDLE broadcast or two
+        body = json.dumps({"model": "smollm2-135m-instruct", "prompt": "hi", "max_tokens": 4})
+        request = urllib.request.Request(base + "/v1/completions", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        started = time.monotonic()
+        try:
+            urllib.request.urlopen(request, timeout=30)
+            outcome = "answered"
+        except urllib.error.HTTPError as e:
+            outcome = e.code
+        except OSError:  # process 0 is gone too (refused or reset): an error, not a hang
+            outcome = "gone"
+        assert outcome in (503, "gone"), outcome
+        assert time.monotonic() - started < 30
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

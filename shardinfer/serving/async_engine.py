@@ -26,6 +26,10 @@ class QueueFull(Exception):
     """More requests are waiting than the server accepts (answered with 429)."""
 
 
+class EngineDown(Exception):
+    """The engine cannot run steps any more (a process of its mesh died): answered with 503."""
+
+
 @dataclasses.dataclass
 class Event:
     delta: str  # new text
@@ -53,6 +57,7 @@ class AsyncEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._handles: dict[int, Handle] = {}
         self._stopping = threading.Event()
+        self.down: str | None = None  # why the engine can no longer run, once it cannot
         self._thread = threading.Thread(target=self._run, name="shardinfer-engine", daemon=True)
         self._thread.start()
 
@@ -85,12 +90,16 @@ class AsyncEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
         """Validates and queues one request (ValueError for bad input, QueueFull when full)."""
+        if self.down is not None:
+            raise EngineDown(self.down)
         if self.waiting() >= self.max_waiting:
             raise QueueFull(f"{self.max_waiting} requests are already waiting")
         request = self.core.make_request(self.core.prompt_ids(prompt_ids), params)
         handle = Handle(request, asyncio.Queue(), asyncio.get_running_loop(), self)
         self._owe(request.params.max_tokens)
         self._inbox.put(("add", handle))
+        if self.down is not None:  # went down while we queued: nobody will take it
+            raise EngineDown(self.down)
         return handle
 
     def abort(self, handle: Handle) -> None:
@@ -109,7 +118,10 @@ class AsyncEngine:
         try:
             self._loop()
         finally:  # in a multi-process run, the other processes' `follow` returns
-            self.core.close()
+            try:
+                self.core.close()
+            except Exception:  # they are gone already
+                log.warning("could not tell the other processes to stop", exc_info=True)
 
     def _loop(self) -> None:
         core = self.core
@@ -129,7 +141,11 @@ class AsyncEngine:
             except queue.Empty:
                 pass
             if not core.has_work():
-                core.keep_alive()
+                try:
+                    core.keep_alive()
+                except Exception as e:  # a process of the mesh is gone: nothing can run now
+                    self._go_down(f"the engine's mesh lost a process: {e}")
+                    return
                 continue
             try:
                 touched = core.step()
@@ -151,6 +167,22 @@ class AsyncEngine:
                 if request.done:
                     del self._handles[id(request)]
                     self._settle(handle, request.finish_reason or "stop")
+
+    def _go_down(self, reason: str) -> None:
+        """Fails everything in flight and everything that arrives from now on."""
+        log.error("engine down: %s", reason)
+        self.down = reason
+        while True:
+            try:
+                kind, handle = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._handles[id(handle.request)] = handle
+        for handle in list(self._handles.values()):
+            self._emit(handle, Event("", list(handle.request.output_ids), "error"))
+            self._settle(handle, "error")
+        self._handles.clear()
 
     def _observe_tokens(self, handle: Handle) -> None:
         """Latency histograms and outstanding work, as a request's new tokens go out."""

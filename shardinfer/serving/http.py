@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from shardinfer.engine.sampling import SamplingParams
-from shardinfer.serving.async_engine import AsyncEngine, Event, Handle, QueueFull
+from shardinfer.serving.async_engine import AsyncEngine, EngineDown, Event, Handle, QueueFull
 from shardinfer.serving.http_guards import MAX_BODY_BYTES, install_guards
 from shardinfer.serving.openai_schema import (
     CHAT,
@@ -56,7 +56,7 @@ class _Completions:
         try:
             handle, prompt_tokens = self._start(body, tokenize, max_tokens)
         except Refused as e:
-            self.refused("rejected" if e.status == 429 else "invalid")
+            self.refused("rejected" if e.status in (429, 503) else "invalid")
             return e.response()
         rid = ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex
         if body.stream:
@@ -93,6 +93,8 @@ class _Completions:
             return self.engine.submit(prompt_ids, _params(body, max_tokens)), len(prompt_ids)
         except QueueFull as e:
             raise Refused(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from e
+        except EngineDown as e:
+            raise Refused(503, str(e), "service_unavailable") from e
         except ValueError as e:
             raise Refused(400, str(e)) from e
 

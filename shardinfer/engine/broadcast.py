@@ -6,6 +6,8 @@ for the largest plan the layout allows) keeps that to one, whatever each plan's 
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -92,8 +94,6 @@ def broadcast_value(value: np.ndarray) -> np.ndarray:
 def share_json(value: object) -> object:
     """Process 0's JSON-able value on every process (for results at the end of a run; each
     call compiles a broadcast for its length, so not for every step)."""
-    import json
-
     data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_master() else None
     size = broadcast_value(np.array([0 if data is None else data.size], np.int64))[0]
     payload = data if data is not None else np.zeros(int(size), np.uint8)

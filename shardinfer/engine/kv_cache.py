@@ -64,13 +64,11 @@ def init_cache(
     cfg: ModelConfig, sharder: Sharder, batch: int, max_len: int, dtype, stacked: bool = True
 ) -> KVCache:
     """Zeros, created directly in their shards (batch on `data`, KV heads on `model`)."""
-    shapes = _layer_shapes(cfg, batch, max_len)
-    lead = (cfg.num_layers,) if stacked else ()
+    spec = cache_spec(cfg, sharder, batch, max_len, dtype, stacked)
 
-    @partial(jax.jit, out_shardings=cache_shardings(cfg, sharder, batch, max_len, stacked))
+    @partial(jax.jit, out_shardings=jax.tree.map(lambda s: s.sharding, spec))
     def zeros():
-        one = lambda: LayerKV(jnp.zeros(lead + shapes.k, dtype), jnp.zeros(lead + shapes.v, dtype))  # noqa: E731
-        return one() if stacked else [one() for _ in range(cfg.num_layers)]
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
 
     return zeros()
 

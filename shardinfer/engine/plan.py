@@ -15,7 +15,6 @@ import numpy as np
 from shardinfer.engine.params import SamplingArrays
 
 PREFILL, DECODE = 0, 1
-KINDS = {PREFILL: "prefill", DECODE: "decode"}
 
 
 class SlotLayout(NamedTuple):
@@ -60,9 +59,6 @@ class StepPlan:
     @property
     def rows(self) -> int:
         return int(self.lengths.shape[0])
-
-    def describe(self) -> str:
-        return f"{KINDS[self.kind]} rows={self.rows} shape={self.tokens.shape} cap={self.capacity}"
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every field as a numpy array (for a broadcast to other processes)."""

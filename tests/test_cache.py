@@ -6,7 +6,7 @@ import pytest
 
 import shardinfer as si
 from shardinfer.engine.engine import decode_logits, prefill_logits
-from shardinfer.engine.kv_cache import init_cache, insert, write_at
+from shardinfer.engine.kv_cache import init_cache, insert, write_rows
 
 
 @pytest.mark.parametrize(
@@ -36,8 +36,9 @@ def test_cached_decode_equals_full_forward(tiny_hf, mesh, cache_len, layer_loop)
     cache = insert(cache, kv, np.arange(rows, dtype=np.int32))  # row i into slot i
     np.testing.assert_allclose(logits, full[np.arange(rows), prompt_lengths - 1], atol=1e-4, rtol=0)
     positions = prompt_lengths.copy()
+    slots = np.arange(rows, dtype=np.int32)
     for _ in range(total - prompt_lengths.max()):
         logits, kv = decode(model.state, cache, tokens[np.arange(rows), positions], positions)
-        cache = write_at(cache, kv, positions)
+        cache = write_rows(cache, kv, slots, positions, model.data_size)
         np.testing.assert_allclose(logits, full[np.arange(rows), positions], atol=1e-4, rtol=0)
         positions += 1

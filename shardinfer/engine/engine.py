@@ -27,7 +27,6 @@ from shardinfer.engine.kv_cache import (
     init_cache,
     insert,
     resize,
-    write_at,
     write_rows,
 )
 from shardinfer.engine.params import SamplingArrays
@@ -72,7 +71,7 @@ def prefill_logits(graphdef, state, tokens, lengths):
 
 def decode_logits(graphdef, state, cache: KVCache, tokens, positions, cache_len: int = 0):
     """tokens [B] at positions [B] -> logits [B, V] for the token after each, and this step's
-    k/v (which `write_at` puts into the cache). With `cache_len`, attention reads only the
+    k/v (which `write_rows` puts into the cache). With `cache_len`, attention reads only the
     first cache_len positions (all < cache_len)."""
     model = nnx.merge(graphdef, state)
     hidden, new_kv = model(tokens[:, None], positions[:, None], cache, cache_len)
@@ -101,11 +100,6 @@ class Engine:
             logits, new_kv = decode_logits(graphdef, state, view, tokens, lengths - 1)
             return sharder.replicate(sample(logits, lengths, *sampling)), new_kv
 
-        def write(cache, new_kv, slot_ids, positions):
-            if positions.shape[0] == slots:
-                return write_at(cache, new_kv, positions)
-            return write_rows(cache, new_kv, slot_ids, positions, shards)
-
         options = step_compiler_options(model.platform, model.dtype, model.quantize)
         jit = partial(jax.jit, compiler_options=options)
         # Prefill and insert are two programs: as one, every (width, rows, capacity) would be
@@ -116,7 +110,7 @@ class Engine:
         # program, XLA:CPU copied the whole (donated) cache twice per step to order the
         # attention's reads before the in-place write.
         self._decode = jit(decode)
-        self._write = jit(write, donate_argnums=(0,))
+        self._write = jit(partial(write_rows, shards=shards), donate_argnums=(0,))
         self._resize = jit(resize, static_argnums=(1,))  # a new shape: nothing to donate
         self.reset_cache()
 

@@ -315,9 +315,10 @@ def _bench(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         prompt_lengths=tuple(_int_list("--prompt-lengths", args.prompt_lengths)),
     )
-    print(format_report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    if _is_master():  # every process ran the same steps; process 0 reports them
+        print(format_report(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -121,6 +121,20 @@ def test_generate_under_launch_prints_once_what_one_process_prints(tmp_path):
     assert "Paris" in done.stdout
 
 
+def test_bench_under_launch_reports_once(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--mesh", "data=2,model=2", "--batch-sizes", "1,2", "--new-tokens", "4",
+            "--repeats", "1", "--prompt-lengths", "8", "--json", str(out),
+            "--compilation-cache", str(tmp_path / "jax")]  # fmt: skip
+    done = _launch("--num-processes", "2", "--host-devices", "2", "--", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("decode tok/s") == 1 and "[1]" not in done.stdout
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["decode"]] == [1, 2]
+    assert all(row["decode_tok_s"] > 0 for row in result["decode"])
+    assert result["ttft_s"]["8"] > 0 and result["read_bandwidth_gbps"] > 0
+
+
 def _long_generate_under_launch() -> tuple[subprocess.Popen, dict[int, int]]:
     cmd = [sys.executable, "-m", "shardinfer.cli", "launch", "--num-processes", "2",
            "--host-devices", "2", "--", "generate", "--mesh", "data=2,model=2", "--prompt", "hi",

@@ -26,7 +26,8 @@ def read_bandwidth_gbps(size_mb: int = 512, repeats: int = 5) -> float:
     import jax
     import jax.numpy as jnp
 
-    buffer = jax.device_put(np.ones(size_mb * 2**20 // 4, np.float32), jax.devices()[0])
+    # This process's own device: under `launch`, jax.devices()[0] may be another process's.
+    buffer = jax.device_put(np.ones(size_mb * 2**20 // 4, np.float32), jax.local_devices()[0])
     total = jax.jit(jnp.sum)
     total(buffer).block_until_ready()
     best = float("inf")

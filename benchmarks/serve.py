@@ -103,9 +103,10 @@ def main() -> None:
     import jax
 
     import shardinfer as si
+    from shardinfer.mesh import split_devices
     from shardinfer.serving.async_engine import AsyncEngine
     from shardinfer.serving.http import create_app, serve_in_thread
-    from shardinfer.serving.router import Router, split_devices
+    from shardinfer.serving.router import Router
 
     deadline = time.time() + args.time_limit
     report = {

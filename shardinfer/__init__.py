@@ -1,6 +1,7 @@
 """shardinfer: sharded inference for Flax NNX language models on a JAX device mesh."""
 
 from shardinfer import distributed
+from shardinfer.batch import BatchSummary, run_batch
 from shardinfer.config import ModelConfig
 from shardinfer.engine.llm import LLM, RequestOutput
 from shardinfer.engine.sampling import SamplingParams
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "BatchSummary",
     "Model",
     "ModelConfig",
     "RequestOutput",
@@ -22,4 +24,5 @@ __all__ = [
     "init_random_model",
     "load_model",
     "make_mesh",
+    "run_batch",
 ]

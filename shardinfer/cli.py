@@ -108,6 +108,23 @@ def _parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' (env SHARDINFER_API_KEY)",
     )
 
+    batch = sub.add_parser("batch", help="a JSON-lines file through the mesh, resumable")
+    common(batch)
+    batch.set_defaults(model=None)  # by --task: the default decoder, or the default encoder
+    batch.add_argument("--input", required=True, help="JSON lines: simple or OpenAI Batch API")
+    batch.add_argument("--output", required=True, help="appended to; rerun to resume")
+    batch.add_argument("--errors", default=None, help="bad lines (default: <output>.errors.jsonl)")
+    batch.add_argument("--task", default="generate", choices=["generate", "embed"])
+    batch.add_argument("--replicas", type=int, default=1, help="sub-meshes, each its own engine")
+    batch.add_argument("--shard", default="0/1", help="K/N: only the ids that hash to K of N")
+    batch.add_argument("--max-batch", type=int, default=32, help="decode slots (embed: rows)")
+    batch.add_argument("--max-seq-len", type=int, default=2048)
+    batch.add_argument("--max-tokens", type=int, default=256, help="for rows that set none")
+    batch.add_argument("--temperature", type=float, default=1.0, help="for rows that set none")
+    batch.add_argument("--seed", type=int, default=0, help="with each id, a row's seed")
+    batch.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="a progress bar (default: when stderr is a terminal)")  # fmt: skip
+
     bench = sub.add_parser("bench", help="decode tok/s, time to first token, bandwidth limit")
     common(bench)
     bench.add_argument("--batch-sizes", default="1,8,32")
@@ -202,6 +219,21 @@ def _check_args(args: argparse.Namespace) -> None:
         _at_least("--replicas", args.replicas, 1)
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be in 0-65535, got {args.port}")
+    elif args.command == "batch":
+        from shardinfer.batch.runner import parse_shard
+
+        _at_least("--max-batch", args.max_batch, 1)
+        _at_least("--max-seq-len", args.max_seq_len, 2)
+        _at_least("--max-tokens", args.max_tokens, 1)
+        _at_least("--replicas", args.replicas, 1)
+        if not args.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        try:
+            parse_shard(args.shard)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+        if not Path(args.input).is_file():
+            raise ValueError(f"--input {args.input} is not a file")
     elif args.command == "bench":
         _int_list("--batch-sizes", args.batch_sizes)
         _int_list("--prompt-lengths", args.prompt_lengths)
@@ -326,9 +358,10 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     import shardinfer as si
+    from shardinfer.mesh import split_devices
     from shardinfer.serving.async_engine import AsyncEngine
     from shardinfer.serving.http import DrainingServer, create_app
-    from shardinfer.serving.router import Router, split_devices
+    from shardinfer.serving.router import Router
 
     if jax.process_count() > 1:
         return _serve_across_processes(args)
@@ -389,6 +422,26 @@ def _serve_across_processes(args: argparse.Namespace) -> None:
         engine.stop()
 
 
+def _batch(args: argparse.Namespace) -> None:
+    import shardinfer as si
+
+    if args.model is None:
+        args.model = "all-minilm-l6-v2" if args.task == "embed" else "smollm2-135m-instruct"
+    weight_cache = None if args.weight_cache.lower() == "none" else args.weight_cache
+    cache = None if args.compilation_cache.lower() == "none" else args.compilation_cache
+    options = {"dtype": args.dtype, "layer_loop": args.layer_loop, "weight_cache": weight_cache}
+    if args.task == "generate":
+        options["quantize"] = args.quantize
+    elif args.quantize:
+        raise ValueError("--quantize is for generation; embeddings run unquantized")
+    si.run_batch(
+        args.input, args.output, args.model, errors=args.errors, task=args.task, mesh=args.mesh,
+        replicas=args.replicas, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+        shard=args.shard, progress=args.progress, compilation_cache=cache, **options,
+    )  # fmt: skip
+
+
 def _convert(args: argparse.Namespace) -> None:
     import shardinfer as si
 
@@ -440,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             _bench(args)
         elif args.command == "convert":
             _convert(args)
+        elif args.command == "batch":
+            _batch(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -133,3 +133,14 @@ def mesh_platform(mesh: Mesh) -> str:
 def describe_mesh(mesh: Mesh) -> str:
     axes = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
     return f"Mesh({axes}) over {mesh.devices.size} {mesh_platform(mesh)} device(s)"
+
+
+def split_devices(replicas: int, devices: Sequence[jax.Device] | None = None) -> list[list]:
+    """`devices` (default: all) cut into `replicas` equal contiguous groups."""
+    devices = list(devices if devices is not None else jax.devices())
+    if replicas < 1 or len(devices) % replicas:
+        raise ValueError(
+            f"replicas={replicas} must be >= 1 and divide the {len(devices)} devices evenly"
+        )
+    size = len(devices) // replicas
+    return [devices[i * size : (i + 1) * size] for i in range(replicas)]

@@ -8,9 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 import shardinfer as si
+from shardinfer.mesh import split_devices
 from shardinfer.serving.async_engine import AsyncEngine
 from shardinfer.serving.http import create_app
-from shardinfer.serving.router import Router, split_devices
+from shardinfer.serving.router import Router
 
 
 class FakeEngine:

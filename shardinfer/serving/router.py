@@ -15,23 +15,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-import jax
-
 from shardinfer.engine.sampling import SamplingParams
 from shardinfer.serving.async_engine import AsyncEngine, Handle
 
 POLICIES = ("least_loaded", "round_robin")
-
-
-def split_devices(replicas: int, devices: Sequence[jax.Device] | None = None) -> list[list]:
-    """`devices` (default: all) cut into `replicas` equal contiguous groups."""
-    devices = list(devices if devices is not None else jax.devices())
-    if replicas < 1 or len(devices) % replicas:
-        raise ValueError(
-            f"--replicas {replicas} must be >= 1 and divide the {len(devices)} devices evenly"
-        )
-    size = len(devices) // replicas
-    return [devices[i * size : (i + 1) * size] for i in range(replicas)]
 
 
 class Router:

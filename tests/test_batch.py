@@ -264,3 +264,35 @@ def test_bad_arguments_are_refused_before_anything_loads(tmp_path):
         done = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_two_replicas_give_the_lines_of_one_engine(reference, tmp_path):
+    source, lines = reference
+    out = tmp_path / "out.jsonl"
+    summary = si.run_batch(source, out, MODEL, replicas=2, max_batch=SLOTS, max_seq_len=SEQ,
+                           temperature=0.8, seed=3, weight_cache=None)  # fmt: skip
+    assert summary.rows == 24
+    assert len(_ids(out)) == 24 and _read(out) == lines
+
+
+def test_a_job_under_launch_gives_the_lines_of_one_process(reference, tmp_path):
+    """2 processes x 4 devices, one data=8 mesh: rows spread over every process's devices."""
+    source, lines = reference
+    out = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "shardinfer.cli",
+        "launch",
+        "--num-processes",
+        "2",
+        "--host-devices",
+        "4",
+        "--",
+        *_cli("--input", str(source), "--output", str(out))[3:],
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_ids(out)) == 24 and _read(out) == lines
+    assert done.stderr.count("24 rows written") == 1  # process 0 alone reports

@@ -45,7 +45,10 @@ def initialize(
         num_processes = int(env[ENV_NUM_PROCESSES])
     if process_id is None and env.get(ENV_PROCESS_ID):
         process_id = int(env[ENV_PROCESS_ID])
-    detect = coordinator is None and any(v in env for v in _CLUSTER_VARIABLES)
+    # An explicit process count (SHARDINFER_NUM_PROCESSES=1: one job per task of a SLURM
+    # array) overrides what the cluster's variables would say.
+    detect = (coordinator is None and num_processes is None
+              and any(v in env for v in _CLUSTER_VARIABLES))  # fmt: skip
     if not detect and (num_processes or 1) == 1:
         return False
     if not detect and (coordinator is None or process_id is None):

@@ -59,3 +59,9 @@ def test_plans_survive_the_wire():
             assert back.arrays()[name].dtype == value.dtype, name
     assert broadcast.decode(broadcast.encode(None, size)) is None
     assert broadcast.decode(broadcast.encode(broadcast.IDLE, size)) == broadcast.IDLE
+
+
+def test_an_explicit_single_process_wins_over_cluster_variables():
+    """A task of a SLURM array running a job of its own: SHARDINFER_NUM_PROCESSES=1."""
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SHARDINFER_NUM_PROCESSES": "1"}
+    assert distributed.initialize(environ=env) is False

@@ -1,6 +1,7 @@
 """Batch jobs: one output line per valid id, equal to an uninterrupted run however often the
 job is killed and resumed; bad lines in the errors file; OpenAI Batch API shapes; shards."""
 
+import errno
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import shardinfer as si
-from shardinfer.batch.journal import CorruptOutput, recover
+from shardinfer.batch.journal import CorruptOutput, LineWriter, recover
 from shardinfer.batch.rows import BadLine, id_key, parse_line, stable_hash
 from shardinfer.batch.runner import parse_shard
 
@@ -123,6 +124,29 @@ def test_recover_cuts_a_torn_last_line_and_refuses_damage_inside(tmp_path):
     with pytest.raises(CorruptOutput, match="line 2"):
         recover(path, lambda r: r["id"])
     assert path.read_text() == '{"id": 1}\n{"id": 2\n{"id": 3}\n'  # left as it was
+
+
+def test_a_write_that_fails_half_way_leaves_no_torn_line(tmp_path):
+    writer = LineWriter(tmp_path / "out.jsonl")
+    writer.write({"id": 1})
+    real = writer._file
+
+    class FullDisk:  # takes part of the line, then the disk is full
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def write(self, data):
+            if len(data) > 4:
+                return real.write(data[:4])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._file = FullDisk()
+    with pytest.raises(OSError, match="No space"):
+        writer.write({"id": 2, "text": "long enough to be cut"})
+    writer._file = real
+    writer.write({"id": 3})
+    writer.close()
+    assert (tmp_path / "out.jsonl").read_text() == '{"id": 1}\n{"id": 3}\n'
 
 
 # ---- jobs ---------------------------------------------------------------------------------------

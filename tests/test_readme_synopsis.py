@@ -85,7 +85,10 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def _is_path(default) -> bool:
-    return isinstance(default, str | Path) and ("/" in str(default) or str(default) == "~")
+    text = str(default)
+    if re.fullmatch(r"\d+/\d+", text):  # a fraction (batch --shard K/N), not a path
+        return False
+    return isinstance(default, str | Path) and ("/" in text or text == "~")
 
 
 def _placeholder(value: str | None) -> bool:

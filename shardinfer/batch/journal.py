@@ -8,6 +8,7 @@ so that row runs again. fsync every second (and at the end) bounds what a power 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -66,13 +67,22 @@ class LineWriter:
         self.path = path
         # Unbuffered: each write goes to the OS at once. Closed by close().
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115
+        self._size = os.fstat(self._file.fileno()).st_size
         self._synced = time.monotonic()
 
     def write(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        view = memoryview(line)
-        while view:  # a regular file takes it in one write; loop in case it does not
-            view = view[self._file.write(view) :]
+        view, size = memoryview(line), self._size
+        try:
+            while view:  # a regular file takes it in one write; loop in case it does not
+                view = view[self._file.write(view) :]
+        except OSError:
+            # A full disk can take part of a line: cut it, so that a line written later (by
+            # another replica's thread) cannot follow a torn one into the middle of the file.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), size)
+            raise
+        self._size = size + len(line)
         if time.monotonic() - self._synced > FSYNC_SECONDS:
             self.sync()
 
@@ -82,5 +92,7 @@ class LineWriter:
 
     def close(self) -> None:
         if not self._file.closed:
-            self.sync()
-            self._file.close()
+            try:
+                self.sync()
+            finally:
+                self._file.close()

@@ -3,6 +3,7 @@
 from shardinfer import distributed
 from shardinfer.batch import BatchSummary, run_batch
 from shardinfer.config import ModelConfig
+from shardinfer.embedder import Embedder
 from shardinfer.engine.llm import LLM, RequestOutput
 from shardinfer.engine.sampling import SamplingParams
 from shardinfer.mesh import make_mesh
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LLM",
     "BatchSummary",
+    "Embedder",
     "Model",
     "ModelConfig",
     "RequestOutput",

@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (loopback default)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8, help="decode slots")
-    serve.add_argument("--max-seq-len", type=int, default=2048)
+    serve.add_argument("--max-seq-len", type=int, default=None,
+                       help="default: 2048 (an embedding model: its own limit)")  # fmt: skip
     serve.add_argument(
         "--replicas",
         type=int,
@@ -118,7 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--replicas", type=int, default=1, help="sub-meshes, each its own engine")
     batch.add_argument("--shard", default="0/1", help="K/N: only the ids that hash to K of N")
     batch.add_argument("--max-batch", type=int, default=32, help="decode slots (embed: rows)")
-    batch.add_argument("--max-seq-len", type=int, default=2048)
+    batch.add_argument("--max-seq-len", type=int, default=None,
+                       help="default: the model's limit (generation: at most 2048)")  # fmt: skip
+    batch.add_argument("--vectors", default="lines", choices=["lines", "npy"],
+                       help="embed: vectors in the lines, or .npy files beside")  # fmt: skip
     batch.add_argument("--max-tokens", type=int, default=256, help="for rows that set none")
     batch.add_argument("--temperature", type=float, default=1.0, help="for rows that set none")
     batch.add_argument("--seed", type=int, default=0, help="with each id, a row's seed")
@@ -215,7 +219,8 @@ def _check_args(args: argparse.Namespace) -> None:
         _at_least("--max-seq-len", args.max_seq_len, 2)
     elif args.command == "serve":
         _at_least("--max-batch", args.max_batch, 1)
-        _at_least("--max-seq-len", args.max_seq_len, 2)
+        if args.max_seq_len is not None:
+            _at_least("--max-seq-len", args.max_seq_len, 2)
         _at_least("--replicas", args.replicas, 1)
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be in 0-65535, got {args.port}")
@@ -223,7 +228,8 @@ def _check_args(args: argparse.Namespace) -> None:
         from shardinfer.batch.runner import parse_shard
 
         _at_least("--max-batch", args.max_batch, 1)
-        _at_least("--max-seq-len", args.max_seq_len, 2)
+        if args.max_seq_len is not None:
+            _at_least("--max-seq-len", args.max_seq_len, 2)
         _at_least("--max-tokens", args.max_tokens, 1)
         _at_least("--replicas", args.replicas, 1)
         if not args.temperature >= 0:
@@ -359,10 +365,13 @@ def _serve(args: argparse.Namespace) -> None:
 
     import shardinfer as si
     from shardinfer.mesh import split_devices
+    from shardinfer.model import source_family
     from shardinfer.serving.async_engine import AsyncEngine
     from shardinfer.serving.http import DrainingServer, create_app
     from shardinfer.serving.router import Router
 
+    if source_family(args.model).kind == "encoder":
+        return _serve_embeddings(args)
     if jax.process_count() > 1:
         return _serve_across_processes(args)
     engines = []
@@ -380,6 +389,43 @@ def _serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = DrainingServer(config, app, engine)
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        server.run()
+    finally:
+        engine.stop()
+
+
+def _serve_embeddings(args: argparse.Namespace) -> None:
+    """An encoder: /v1/embeddings over one Embedder per replica (completions answer 400)."""
+    import jax
+    import uvicorn
+
+    import shardinfer as si
+    from shardinfer.mesh import split_devices
+    from shardinfer.serving.async_embedder import AsyncEmbedder
+    from shardinfer.serving.http import DrainingServer, create_app
+
+    if jax.process_count() > 1:
+        raise ValueError("serving an embedding model across processes is not supported yet; "
+                         "serve it from one process (--replicas splits its devices)")  # fmt: skip
+    if args.quantize:
+        raise ValueError("--quantize is for generation; embeddings run unquantized")
+    cache = None if args.compilation_cache.lower() == "none" else args.compilation_cache
+    embedders = []
+    for devices in split_devices(args.replicas):
+        embedder = si.Embedder(args.model, mesh=si.make_mesh(args.mesh, devices=devices),
+                               dtype=args.dtype, max_batch=args.max_batch,
+                               max_seq_len=args.max_seq_len, layer_loop=args.layer_loop,
+                               compilation_cache=cache)  # fmt: skip
+        if not args.no_warmup:
+            embedder.warmup()
+        embedders.append(embedder)
+    engine = AsyncEmbedder(embedders)
+    app = create_app(engine, args.model, api_key=args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = DrainingServer(config, app, engine)
+    print(f"serving {args.model} (embeddings, {embedders[0].dim} dimensions) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
     try:
         server.run()
     finally:
@@ -425,8 +471,8 @@ def _serve_across_processes(args: argparse.Namespace) -> None:
 def _batch(args: argparse.Namespace) -> None:
     import shardinfer as si
 
-    if args.model is None:
-        args.model = "all-minilm-l6-v2" if args.task == "embed" else "smollm2-135m-instruct"
+    if args.model is None:  # run_batch picks the task's default model
+        args.model = "smollm2-135m-instruct"
     weight_cache = None if args.weight_cache.lower() == "none" else args.weight_cache
     cache = None if args.compilation_cache.lower() == "none" else args.compilation_cache
     options = {"dtype": args.dtype, "layer_loop": args.layer_loop, "weight_cache": weight_cache}
@@ -438,7 +484,8 @@ def _batch(args: argparse.Namespace) -> None:
         args.input, args.output, args.model, errors=args.errors, task=args.task, mesh=args.mesh,
         replicas=args.replicas, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-        shard=args.shard, progress=args.progress, compilation_cache=cache, **options,
+        shard=args.shard, progress=args.progress, compilation_cache=cache, vectors=args.vectors,
+        **options,
     )  # fmt: skip
 
 

@@ -101,6 +101,9 @@ class Model:
 
     def logits(self, token_ids) -> np.ndarray:
         """int [B, T] -> float32 [B, T, vocab]: a plain causal forward pass, no cache."""
+        if self.family.kind != "decoder":
+            raise ValueError(f"{self.source or self.config.architecture} is an embedding model "
+                             "(an encoder): it has no logits; use shardinfer.Embedder")  # fmt: skip
         tokens = np.asarray(token_ids)
         if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise ValueError(
@@ -131,6 +134,9 @@ class Model:
     def save(self, path: str | Path) -> None:
         """A sharded Orbax checkpoint (+ config and tokenizer); `load_model(path, mesh=...)`
         restores it onto any mesh."""
+        if self.family.kind != "decoder":
+            # Its pooling (sentence-transformers' modules.json) is not part of a checkpoint.
+            raise ValueError("saving an encoder as a shardinfer checkpoint is not supported")
         # Always the stacked form on disk (models/layer_forms.py).
         _, stacked = abstract_model(self.config, self.sharder, self.dtype, self.quantize, "scan")
         state = convert_layers(self.state, stacked, param_shardings(stacked, self.sharder))
@@ -221,7 +227,64 @@ def load_model(
     """Loads a registry name, a shardinfer checkpoint, a Hugging Face directory or a .gguf file
     straight into the shards of `mesh`. `layer_loop` ("scan" or "unrolled") is picked for the
     platform when None. A GGUF file's dequantized weights are kept under `weight_cache` (None:
-    not kept) and memory-mapped by the next load (weights/host_cache.py)."""
+    not kept) and memory-mapped by the next load (weights/host_cache.py). Decoders only: an
+    embedding model (an encoder) is refused, as `shardinfer.Embedder` loads those."""
+    return _load(source, "decoder", mesh, dtype, rules, quantize, layer_loop, weight_cache)
+
+
+def load_encoder(
+    source: str | Path,
+    mesh: Mesh | MeshSpec = None,
+    dtype: Any = None,
+    rules: ShardingRules | None = None,
+    layer_loop: str | None = None,
+    weight_cache: str | Path | None = None,
+) -> Model:
+    """An encoder (embedding model: a registry name or a Hugging Face directory) straight into
+    the shards of `mesh`, as `load_model` loads a decoder; `shardinfer.Embedder` calls it.
+    `weight_cache` is accepted for the same options as load_model (it serves GGUF files only,
+    which hold no encoders)."""
+    return _load(source, "encoder", mesh, dtype, rules, None, layer_loop, weight_cache)
+
+
+def source_family(source: str | Path) -> Family:
+    """The family of what `source` names, from its config alone (no weights are read): a
+    front end asks it whether to build an engine or an Embedder."""
+    path = resolve_registry_name(str(source)) or Path(source)
+    if path.is_dir() and is_checkpoint(path):
+        return family_for(read_checkpoint_config(path, family_for)[0].architecture)
+    if path.is_dir() and (path / "config.json").is_file():
+        return family_for(read_hf_config(path, hf_family).architecture)
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFFile(path, gguf_family).family
+    raise _cannot_load(source)
+
+
+def _cannot_load(source) -> ValueError:
+    return ValueError(
+        f"cannot load {str(source)!r}: not a registry name ({', '.join(registry_names())}), "
+        "a shardinfer checkpoint, a Hugging Face directory with config.json, or a .gguf file"
+    )
+
+
+def _require_kind(config, kind: str, source) -> None:
+    """Decoders go to load_model/LLM, encoders to Embedder: the other way round, say which."""
+    family = family_for(config.architecture)
+    if family.kind == kind:
+        return
+    if family.kind == "encoder":
+        raise ValueError(
+            f"{str(source)!r} is an embedding model (the {family.name!r} encoder family): it "
+            "cannot generate text; load it with shardinfer.Embedder (and `shardinfer serve` "
+            "serves it at /v1/embeddings)"
+        )
+    raise ValueError(
+        f"{str(source)!r} is a text-generation model (the {family.name!r} decoder family), "
+        "not an embedding model; use shardinfer.LLM or load_model for it"
+    )
+
+
+def _load(source, kind, mesh, dtype, rules, quantize, layer_loop, weight_cache) -> Model:
     mesh = as_mesh(mesh, rules)
     platform = mesh_platform(mesh)
     dtype, loop = resolve_dtype(dtype, platform), resolve_layer_loop(layer_loop, platform)
@@ -229,6 +292,7 @@ def load_model(
     path = resolve_registry_name(str(source)) or Path(source)
     if path.is_dir() and is_checkpoint(path):
         config, stored = read_checkpoint_config(path, family_for)
+        _require_kind(config, kind, source)
         same_arrays = stored in INT8_MODES and quantize in INT8_MODES  # only the matmul differs
         if quantize is not None and quantize != stored and not same_arrays:
             raise ValueError(
@@ -245,15 +309,15 @@ def load_model(
         return Model(config, mesh, sharder, graphdef, state, dtype, tokenizer, src, mode, loop)
     if path.is_dir() and (path / "config.json").is_file():
         config = read_hf_config(path, hf_family)
-        tensors, tokenizer = SafetensorsDirectory(path), Tokenizer.from_hf_dir(path)
+        _require_kind(config, kind, source)
+        prefixes = family_for(config.architecture).hf_prefixes
+        tensors, tokenizer = SafetensorsDirectory(path, prefixes), Tokenizer.from_hf_dir(path)
     elif path.is_file() and path.suffix == ".gguf":
         gguf = GGUFFile(path, gguf_family)
         config, tensors, tokenizer = gguf.config, gguf, Tokenizer.from_gguf(gguf)
+        _require_kind(config, kind, source)
     else:
-        raise ValueError(
-            f"cannot load {str(source)!r}: not a registry name ({', '.join(registry_names())}), "
-            "a shardinfer checkpoint, a Hugging Face directory with config.json, or a .gguf file"
-        )
+        raise _cannot_load(source)
     graphdef, abstract = abstract_model(config, sharder, dtype, quantize, loop)
     cache = WeightCache(weight_cache) if weight_cache and isinstance(tensors, GGUFFile) else None
     state = cache.load(path, abstract, sharder) if cache else None

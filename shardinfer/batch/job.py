@@ -13,6 +13,8 @@ from shardinfer.mesh import MeshSpec, make_mesh, split_devices
 from shardinfer.model import DEFAULT_MODEL, Model, load_model
 
 TASKS = ("generate", "embed")
+DEFAULT_MAX_SEQ_LEN = 2048  # generation's, when the model allows as much
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 def run_batch(
@@ -25,7 +27,7 @@ def run_batch(
     mesh: MeshSpec = None,
     replicas: int = 1,
     max_batch: int = 32,
-    max_seq_len: int = 2048,
+    max_seq_len: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     temperature: float = 1.0,
     seed: int = 0,
@@ -34,6 +36,7 @@ def run_batch(
     progress: bool | None = None,
     warmup: bool = False,
     compilation_cache: str | Path | None = DEFAULT_CACHE_DIR,
+    vectors: str = "lines",
     **load_options: Any,
 ) -> BatchSummary:
     """Runs every line of `input` (JSON lines) and appends one line per id to `output`;
@@ -41,6 +44,11 @@ def run_batch(
     and reason. Rerun with the same arguments after any interruption: ids already written
     are skipped and a torn last line is redone, so the output ends with exactly one line per
     valid id. A row's sampling seed, when it brings none, comes from its id and `seed`.
+
+    `task` "embed": `model` is an encoder (default all-minilm-l6-v2) or an Embedder; lines
+    carry `input` (or OpenAI /v1/embeddings bodies) and the output their vectors (`vectors`
+    "npy": one .npy file per batch in `<output>.vectors/`, the lines saying where).
+    `max_seq_len`: default the model's own limit (generation: at most 2048).
 
     `model`: a registry name or path (loaded over `mesh`, or over `replicas` sub-meshes of
     the devices), a loaded Model, or an LLM (its engine is used as it is). `shard` "K/N"
@@ -50,13 +58,21 @@ def run_batch(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    shard = parse_shard(shard) if isinstance(shard, str) else shard
     if task == "embed":
         from shardinfer.batch.embed import run_embed_batch
 
+        if replicas != 1:
+            raise ValueError(
+                "replicas is for generation: an embedding job has no slots to balance, and "
+                "spreads each batch over the whole data axis (give --mesh data=N instead)"
+            )
+        if model == DEFAULT_MODEL:
+            model = DEFAULT_EMBEDDING_MODEL
         return run_embed_batch(input, output, model, errors=errors, mesh=mesh,
-                               max_batch=max_batch, shard=shard, window=window,
-                               progress=progress, **load_options)  # fmt: skip
-    shard = parse_shard(shard) if isinstance(shard, str) else shard
+                               max_batch=max_batch, max_seq_len=max_seq_len, shard=shard,
+                               window=window, progress=progress, vectors=vectors,
+                               compilation_cache=compilation_cache, **load_options)  # fmt: skip
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     if max_tokens < 1:
@@ -93,8 +109,8 @@ def _cores(model, mesh, replicas: int, max_batch: int, max_seq_len: int, load_op
     return cores
 
 
-def _seq_len(model: Model, max_seq_len: int) -> int:
-    return min(max_seq_len, model.config.max_position_embeddings)
+def _seq_len(model: Model, max_seq_len: int | None) -> int:
+    return min(max_seq_len or DEFAULT_MAX_SEQ_LEN, model.config.max_position_embeddings)
 
 
 def _model_name(model: Model) -> str:

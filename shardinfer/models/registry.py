@@ -17,7 +17,8 @@ from typing import Any, Literal
 import numpy as np
 
 from shardinfer.config import ModelConfig
-from shardinfer.models import llama_checkpoints
+from shardinfer.models import bert_checkpoints, llama_checkpoints
+from shardinfer.models.bert import Bert, BertConfig
 from shardinfer.models.llama import Llama
 from shardinfer.weights.loader import TensorRef
 
@@ -37,6 +38,9 @@ class Family:
     config_from_hf: Callable[[dict[str, Any], dict[str, Any] | None], Any]
     # (nnx state path, config) -> the HF tensor behind that parameter, and how to lay it out
     hf_tensor: Callable[[tuple, Any], TensorRef]
+    # What a checkpoint may put before every name hf_tensor gives, tried in order (BERT's
+    # "bert." when saved from a task model; sentence-transformers saves none).
+    hf_prefixes: tuple[str, ...] = ("",)
     # GGUF: general.architecture values read; empty when the family reads no GGUF files.
     gguf_architectures: tuple[str, ...] = ()
     # (GGUF metadata fields, the file's GGUF tensor names) -> config
@@ -120,5 +124,17 @@ register(
         config_from_gguf=llama_checkpoints.config_from_gguf,
         gguf_to_hf=llama_checkpoints.gguf_to_hf,
         gguf_tensor=llama_checkpoints.gguf_tensor,
+    )
+)
+register(
+    Family(
+        name="bert",
+        kind="encoder",
+        architectures=bert_checkpoints.HF_ARCHITECTURES,
+        build=Bert,
+        config_type=BertConfig,
+        config_from_hf=bert_checkpoints.config_from_hf,
+        hf_tensor=bert_checkpoints.hf_tensor,
+        hf_prefixes=bert_checkpoints.HF_PREFIXES,
     )
 )

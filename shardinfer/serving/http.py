@@ -1,4 +1,6 @@
-"""An OpenAI-compatible HTTP API (FastAPI) over the AsyncEngine.
+"""An OpenAI-compatible HTTP API (FastAPI) over the AsyncEngine (a decoder: completions and
+chat) or the AsyncEmbedder (an encoder: /v1/embeddings); each answers the other's endpoints
+with a 400 that says what the model is.
 
 Handlers validate (through the engine core, as the Python API and the CLI do), put requests on
 the engine's queue and read events back; they never touch the device. Errors use OpenAI's body,
@@ -19,16 +21,20 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from shardinfer.engine.sampling import SamplingParams
+from shardinfer.serving.async_embedder import AsyncEmbedder
 from shardinfer.serving.async_engine import AsyncEngine, EngineDown, Event, Handle, QueueFull
+from shardinfer.serving.embeddings import Embeddings
 from shardinfer.serving.http_guards import MAX_BODY_BYTES, install_guards
 from shardinfer.serving.openai_schema import (
     CHAT,
     COMPLETION,
     ChatBody,
     CompletionBody,
+    EmbeddingBody,
     Refused,
     SamplingBody,
     chunk,
+    error_response,
     final_body,
     sse,
     usage_chunk,
@@ -132,18 +138,38 @@ def _params(body: SamplingBody, max_tokens: int) -> SamplingParams:
 
 
 def create_app(
-    engine: AsyncEngine,
+    engine: AsyncEngine | AsyncEmbedder,
     model_name: str,
     default_max_tokens: int = 256,
     api_key: str | None = None,
 ) -> FastAPI:
+    """The API over a decoder's engine (or a Router of them), or over an encoder's
+    AsyncEmbedder."""
     app = FastAPI(title="shardinfer", docs_url=None, redoc_url=None)
     observer = ServingMetrics()
-    for replica in engine.engines:  # an AsyncEngine is its own only replica; a Router has R
-        replica.observer = observer
-    observer.watch(lambda: engine.engines)
-    api = _Completions(engine, model_name, default_max_tokens, observer)
-    install_guards(app, api_key, api.refused)
+    embeds = isinstance(engine, AsyncEmbedder)
+
+    def count(outcome: str) -> None:
+        observer.requests.labels(replica="", outcome=outcome).inc()
+
+    if embeds:
+        engine.observer = observer
+        api, embeddings = None, Embeddings(engine, model_name, count)
+    else:
+        for replica in engine.engines:  # an AsyncEngine is its own only replica; a Router has R
+            replica.observer = observer
+        observer.watch(lambda: engine.engines)
+        api, embeddings = _Completions(engine, model_name, default_max_tokens, observer), None
+    install_guards(app, api_key, count)
+
+    def wrong_kind(endpoint: str):
+        count("invalid")
+        what = (
+            "an embedding model: it serves /v1/embeddings only"
+            if embeds
+            else "a text-generation model: it serves /v1/completions and /v1/chat/completions"
+        )
+        return error_response(400, f"{endpoint} is not available: model {model_name!r} is {what}")
 
     @app.get("/health")
     async def health():
@@ -160,14 +186,24 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
+        if api is None:
+            return wrong_kind("/v1/completions")
         tokenize = lambda: api.core.prompt_ids(body.prompt)  # noqa: E731
         return await api.respond(body, tokenize, body.max_tokens, COMPLETION)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
+        if api is None:
+            return wrong_kind("/v1/chat/completions")
         messages = [m.model_dump() for m in body.messages]
         limit = body.max_completion_tokens or body.max_tokens
         return await api.respond(body, lambda: api.core.chat_ids(messages), limit, CHAT)
+
+    @app.post("/v1/embeddings")
+    async def embed(body: EmbeddingBody):
+        if embeddings is None:
+            return wrong_kind("/v1/embeddings")
+        return await embeddings.respond(body)
 
     return app
 

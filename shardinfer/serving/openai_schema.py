@@ -5,12 +5,14 @@ Shared by everything that speaks the API (`serve`, and the router that forwards 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import Any, Literal
 
+import numpy as np
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 
 class SamplingBody(BaseModel):
@@ -39,6 +41,20 @@ class ChatMessage(BaseModel):
 class ChatBody(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class EmbeddingBody(BaseModel):
+    """/v1/embeddings: `input` one text, texts, one token-id list or token-id lists (used as
+    given: include [CLS]/[SEP] as the tokenizer would). `dimensions` can only be the model's
+    own width; `user` is accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    # Strict: a token id is never a string, nor a string a number.
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
 
 
 CHAT, COMPLETION = "chat.completion", "text_completion"
@@ -109,3 +125,15 @@ def final_body(rid, model, kind, text, finish_reason, prompt_tokens, completion_
         "choices": [choice],
         "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def embedding_list(model: str, vectors: np.ndarray, encoding_format: str, tokens: int) -> dict:
+    """The /v1/embeddings response: one entry per input, in order; base64 is the float32
+    vector's little-endian bytes (what the openai client decodes)."""
+    if encoding_format == "base64":
+        values: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        values = vectors.astype(np.float32).tolist()
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip

@@ -36,12 +36,18 @@ class ServingMetrics:
         self.requests = Counter(
             "shardinfer_requests",
             "Requests by outcome: stop, length, abort (client left), error, rejected (429), "
-            "invalid (4xx).",
+            "invalid (4xx); an embedding server's answered requests: embedded.",
             ["replica", "outcome"],
             registry=r,
         )
         self.tokens = Counter("shardinfer_generated_tokens", "Tokens generated.", ["replica"],
                               registry=r)  # fmt: skip
+        # An embedding server's work (serving/async_embedder.py).
+        self.embedded_inputs = Counter("shardinfer_embedded_inputs",
+                                       "Inputs embedded (texts or token lists).", ["replica"],
+                                       registry=r)  # fmt: skip
+        self.embedded_tokens = Counter("shardinfer_embedded_tokens", "Tokens of inputs embedded.",
+                                       ["replica"], registry=r)  # fmt: skip
 
     def watch(self, engines: Callable[[], list]) -> None:
         """Reports the live state of `engines()` (AsyncEngines) at every scrape."""

@@ -25,20 +25,34 @@ def read_hf_config(directory: Path, families: Callable[[str | None], Any]) -> An
 
 
 class SafetensorsDirectory:
-    """All *.safetensors files of a directory as one name -> lazy array source."""
+    """All *.safetensors files of a directory as one name -> lazy array source.
 
-    def __init__(self, directory: Path):
+    A name is looked up under each of `prefixes` in turn (a family's `hf_prefixes`: the same
+    weights saved from a base model and from a task model differ by such a prefix)."""
+
+    def __init__(self, directory: Path, prefixes: tuple[str, ...] = ("",)):
         files = sorted(directory.glob("*.safetensors"))
         if not files:
-            raise ValueError(f"{directory} has no *.safetensors files")
+            other = [p.name for p in directory.glob("*.bin")] + [
+                p.name for p in directory.glob("*.pt*")
+            ]
+            hint = f" (only {', '.join(sorted(other))}: convert it to safetensors)" if other else ""
+            raise ValueError(f"{directory} has no *.safetensors files{hint}")
+        self.prefixes = prefixes
         self._where: dict[str, SafetensorsFile] = {}
         for path in files:
             f = SafetensorsFile(path)
             for name in f.names():
                 self._where[name] = f
 
+    def _stored_name(self, name: str) -> str | None:
+        return next((p + name for p in self.prefixes if p + name in self._where), None)
+
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return self._stored_name(name) is not None
 
     def get(self, name: str) -> np.ndarray:
-        return self._where[name].get(name)
+        stored = self._stored_name(name)
+        if stored is None:
+            raise KeyError(name)
+        return self._where[stored].get(stored)

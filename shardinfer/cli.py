@@ -359,15 +359,31 @@ def _bench(args: argparse.Namespace) -> None:
             Path(args.json).write_text(json.dumps(result, indent=1))
 
 
+def _run_server(args: argparse.Namespace, engine, what: str) -> None:
+    """The HTTP front over `engine` (an AsyncEngine, Router or AsyncEmbedder) until SIGTERM
+    has drained it; the engine stops whatever ends the server."""
+    import uvicorn
+
+    from shardinfer.serving.http import DrainingServer, create_app
+
+    app = create_app(engine, args.model, api_key=args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = DrainingServer(config, app, engine)
+    where = f"http://{args.host}:{args.port}/v1"
+    print(f"serving {args.model}{what} on {where}", file=sys.stderr)
+    try:
+        server.run()
+    finally:
+        engine.stop()
+
+
 def _serve(args: argparse.Namespace) -> None:
     import jax
-    import uvicorn
 
     import shardinfer as si
     from shardinfer.mesh import split_devices
     from shardinfer.model import source_family
     from shardinfer.serving.async_engine import AsyncEngine
-    from shardinfer.serving.http import DrainingServer, create_app
     from shardinfer.serving.router import Router
 
     if source_family(args.model).kind == "encoder":
@@ -385,25 +401,16 @@ def _serve(args: argparse.Namespace) -> None:
             llm.warmup()
         engines.append(AsyncEngine(llm, replica=str(len(engines))))
     engine = engines[0] if len(engines) == 1 else Router(engines, args.routing)
-    app = create_app(engine, args.model, api_key=args.api_key)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-    server = DrainingServer(config, app, engine)
-    print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    try:
-        server.run()
-    finally:
-        engine.stop()
+    _run_server(args, engine, "")
 
 
 def _serve_embeddings(args: argparse.Namespace) -> None:
     """An encoder: /v1/embeddings over one Embedder per replica (completions answer 400)."""
     import jax
-    import uvicorn
 
     import shardinfer as si
     from shardinfer.mesh import split_devices
     from shardinfer.serving.async_embedder import AsyncEmbedder
-    from shardinfer.serving.http import DrainingServer, create_app
 
     if jax.process_count() > 1:
         raise ValueError("serving an embedding model across processes is not supported yet; "
@@ -421,15 +428,7 @@ def _serve_embeddings(args: argparse.Namespace) -> None:
             embedder.warmup()
         embedders.append(embedder)
     engine = AsyncEmbedder(embedders)
-    app = create_app(engine, args.model, api_key=args.api_key)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-    server = DrainingServer(config, app, engine)
-    print(f"serving {args.model} (embeddings, {embedders[0].dim} dimensions) on "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr)  # fmt: skip
-    try:
-        server.run()
-    finally:
-        engine.stop()
+    _run_server(args, engine, f" (embeddings, {embedders[0].dim} dimensions)")
 
 
 def _serve_across_processes(args: argparse.Namespace) -> None:
@@ -438,11 +437,9 @@ def _serve_across_processes(args: argparse.Namespace) -> None:
     import signal
 
     import jax
-    import uvicorn
 
     import shardinfer as si
     from shardinfer.serving.async_engine import AsyncEngine
-    from shardinfer.serving.http import DrainingServer, create_app
 
     if args.replicas != 1:
         raise ValueError("--replicas with several processes is not supported yet")
@@ -457,15 +454,7 @@ def _serve_across_processes(args: argparse.Namespace) -> None:
         llm.core.follow()
         return
     engine = AsyncEngine(llm)
-    app = create_app(engine, args.model, api_key=args.api_key)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-    server = DrainingServer(config, app, engine)
-    print(f"serving {args.model} on http://{args.host}:{args.port}/v1 over "
-          f"{jax.process_count()} processes", file=sys.stderr)  # fmt: skip
-    try:
-        server.run()
-    finally:
-        engine.stop()
+    _run_server(args, engine, f" over {jax.process_count()} processes")
 
 
 def _batch(args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ from shardinfer.batch.runner import (
     _count_lines,
     _Lines,
     default_errors_path,
+    error_record,
     open_job,
 )
 from shardinfer.embedder import Embedder
@@ -145,10 +146,7 @@ def _lead(embedder, wire, input: Path, output: Path, errors: Path, shard, window
 
 
 def _bad(errors: LineWriter, summary: BatchSummary, meter: Progress, line: int, error) -> None:
-    record: dict[str, Any] = {"line": line, "error": str(error)}
-    if error.row_id is not None:
-        record["id"] = error.row_id
-    errors.write(record)
+    errors.write(error_record(line, error))
     summary.errors += 1
     meter.advance()
 

@@ -7,13 +7,12 @@ from typing import Any
 
 from shardinfer.batch.runner import DEFAULT_MAX_TOKENS, BatchSummary, parse_shard, run_cores
 from shardinfer.compile_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
-from shardinfer.engine.core import EngineCore
+from shardinfer.engine.core import EngineCore, slot_length
 from shardinfer.engine.llm import LLM
 from shardinfer.mesh import MeshSpec, make_mesh, split_devices
 from shardinfer.model import DEFAULT_MODEL, Model, load_model
 
 TASKS = ("generate", "embed")
-DEFAULT_MAX_SEQ_LEN = 2048  # generation's, when the model allows as much
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
@@ -96,7 +95,7 @@ def _cores(model, mesh, replicas: int, max_batch: int, max_seq_len: int, load_op
     if isinstance(model, LLM):
         return [model.core]
     if isinstance(model, Model):
-        return [EngineCore(model, max_batch, _seq_len(model, max_seq_len))]
+        return [EngineCore(model, max_batch, slot_length(model, max_seq_len))]
     import jax
 
     if replicas > 1 and jax.process_count() > 1:
@@ -105,12 +104,8 @@ def _cores(model, mesh, replicas: int, max_batch: int, max_seq_len: int, load_op
     for devices in split_devices(replicas) if replicas > 1 else [None]:
         loaded = load_model(model, make_mesh(mesh, devices=devices) if devices else mesh,
                             **load_options)  # fmt: skip
-        cores.append(EngineCore(loaded, max_batch, _seq_len(loaded, max_seq_len)))
+        cores.append(EngineCore(loaded, max_batch, slot_length(loaded, max_seq_len)))
     return cores
-
-
-def _seq_len(model: Model, max_seq_len: int | None) -> int:
-    return min(max_seq_len or DEFAULT_MAX_SEQ_LEN, model.config.max_position_embeddings)
 
 
 def _model_name(model: Model) -> str:

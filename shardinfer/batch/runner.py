@@ -139,6 +139,14 @@ class _Feeder:
         self.exhausted = consumed < self.window
 
 
+def error_record(line: int, error: BadLine) -> dict[str, Any]:
+    """A bad line's record in the errors file: its number, the reason, its id if it had one."""
+    record: dict[str, Any] = {"line": line, "error": str(error)}
+    if error.row_id is not None:
+        record["id"] = error.row_id
+    return record
+
+
 class _Job:
     """What a run shares between its engine threads: the writers, the counts, the defaults."""
 
@@ -150,11 +158,8 @@ class _Job:
         self.lock = threading.Lock()
 
     def bad(self, line: int, error: BadLine) -> None:
-        record: dict[str, Any] = {"line": line, "error": str(error)}
-        if error.row_id is not None:
-            record["id"] = error.row_id
         with self.lock:
-            self.errors.write(record)
+            self.errors.write(error_record(line, error))
             self.summary.errors += 1
             self.progress.advance()
 

@@ -29,7 +29,13 @@ from shardinfer.weights.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 KEEP_ALIVE_SECONDS = 1.0
+DEFAULT_MAX_SEQ_LEN = 2048  # positions per slot when the caller gives none (and the model allows)
 Message = dict[str, str]
+
+
+def slot_length(model: Model, max_seq_len: int | None) -> int:
+    """Positions per slot: what was asked (default DEFAULT_MAX_SEQ_LEN), within the model's."""
+    return min(max_seq_len or DEFAULT_MAX_SEQ_LEN, model.config.max_position_embeddings)
 
 
 class EngineCore:

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from shardinfer.compile_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
 from shardinfer.engine.broadcast import multi_process, share_json
-from shardinfer.engine.core import EngineCore, Prompt
+from shardinfer.engine.core import EngineCore, Prompt, slot_length
 from shardinfer.engine.metrics import EngineMetrics
 from shardinfer.engine.params import SamplingParams
 from shardinfer.engine.request import RequestOutput
@@ -53,8 +53,7 @@ class LLM:
         else:
             self.model = load_model(model_or_source, mesh, dtype, quantize=quantize,
                                     layer_loop=layer_loop, weight_cache=weight_cache)  # fmt: skip
-        cfg = self.model.config
-        max_seq_len = min(max_seq_len or 2048, cfg.max_position_embeddings)
+        max_seq_len = slot_length(self.model, max_seq_len)
         self.core = EngineCore(self.model, max_batch, max_seq_len, seed)
         self.max_batch, self.max_seq_len = self.core.max_batch, max_seq_len
         self.tokenizer = self.model.tokenizer

@@ -153,7 +153,6 @@ class Embedder:
             rows.append(row.astype(np.int32))
         return rows
 
-    _check_tokens = check_tokens  # the name shardinfer/batch/embed.py calls; to go
 
     # ---- internals --------------------------------------------------------------------------
 

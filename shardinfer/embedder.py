@@ -2,8 +2,8 @@
 front end, beside `LLM`; the batch runner and the HTTP server's /v1/embeddings call it).
 
 A call sorts its rows by length, cuts them into batches of at most `max_batch` rows, pads each
-batch to one of a few bucket shapes (rows: the `data` axis size times a power of two; tokens:
-a power of two, or max_seq_len) and runs one jitted program per batch: the encoder, then the
+batch to one of a few bucket shapes (rows: the `data` axis size times a power of four; tokens:
+a multiple of max_seq_len / 16) and runs one jitted program per batch: the encoder, then the
 pooling and normalization sentence-transformers' modules.json asks for, so only [rows, dim]
 floats come back, replicated on every device. No cache, no scheduler: every process of a
 multi-process run calls it with the same inputs (SPMD) and gets the whole result.
@@ -74,7 +74,7 @@ class Embedder:
         self.dim = cfg.hidden_size * len(self.pipeline.pooling)
         data = self.model.data_size
         self.max_batch = -(-max_batch // data) * data  # rows split evenly over `data`
-        self.row_buckets = _buckets(data, self.max_batch)
+        self.row_buckets = _row_buckets(data, self.max_batch)
         self.token_buckets = _token_buckets(min(MIN_TOKEN_BUCKET, self.max_seq_len),
                                             self.max_seq_len)  # fmt: skip
         self._tokenizer = _tokenizer(self.pipeline, self.max_seq_len)
@@ -154,7 +154,6 @@ class Embedder:
             rows.append(row.astype(np.int32))
         return rows
 
-
     # ---- internals --------------------------------------------------------------------------
 
     def _run(self, batch: list[np.ndarray]) -> jax.Array:
@@ -180,10 +179,11 @@ def _embed(graphdef, pooling, state, tokens, lengths):
     return pool(hidden, lengths, modes, normalize)
 
 
-def _buckets(smallest: int, largest: int) -> tuple[int, ...]:
-    """smallest, 2*smallest, 4*smallest, ... below largest, then largest."""
-    steps = max(0, math.ceil(math.log2(largest / smallest)))
-    return tuple(sorted({min(smallest << k, largest) for k in range(steps + 1)}))
+def _row_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """smallest, 4x, 16x, ... below largest, then largest: only a call's last batch is short,
+    so few row shapes are needed, and each costs a compile per token width (~1 s on CPU)."""
+    steps = max(0, math.ceil(math.log(largest / smallest, 4)))
+    return tuple(sorted({min(smallest * 4**k, largest) for k in range(steps + 1)}))
 
 
 def _token_buckets(smallest: int, largest: int) -> tuple[int, ...]:

@@ -109,6 +109,31 @@ def _parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' (env SHARDINFER_API_KEY)",
     )
 
+    router = sub.add_parser("router", help="one OpenAI-compatible front over many servers")
+    router.add_argument("--backend", action="append", required=True, metavar="URL",
+                        help="a server's base URL, e.g. http://10.0.0.2:8000; repeat")  # fmt: skip
+    router.add_argument("--policy", default="least_loaded", choices=["least_loaded", "round_robin"],
+                        help="how requests are spread over backends")  # fmt: skip
+    router.add_argument("--host", default="127.0.0.1", help="address to bind (loopback default)")
+    router.add_argument("--port", type=int, default=8080)
+    router.add_argument(
+        "--api-key",
+        default=os.environ.get("SHARDINFER_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (env SHARDINFER_API_KEY)",
+    )
+    router.add_argument(
+        "--backend-api-key",
+        default=os.environ.get("SHARDINFER_BACKEND_API_KEY"),
+        help="the key to send to backends (default: pass the client's on); "
+        "env SHARDINFER_BACKEND_API_KEY",
+    )
+    router.add_argument("--health-interval", type=float, default=1.0,
+                        help="seconds between polls of each backend's /health")  # fmt: skip
+    router.add_argument("--connect-timeout", type=float, default=2.0, help="seconds")
+    router.add_argument("--read-timeout", type=float, default=60.0,
+                        help="seconds a backend may go silent mid-answer")  # fmt: skip
+    router.add_argument("-v", "--verbose", action="store_true", help="log backends coming, going")
+
     batch = sub.add_parser("batch", help="a JSON-lines file through the mesh, resumable")
     common(batch)
     batch.set_defaults(model=None)  # by --task: the default decoder, or the default encoder
@@ -491,6 +516,31 @@ def _convert(args: argparse.Namespace) -> None:
         )
 
 
+def _router(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from shardinfer.serving.http import DrainingServer
+    from shardinfer.serving.proxy import create_router_app
+
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_router_app(
+            args.backend, args.policy, api_key=args.api_key, backend_api_key=args.backend_api_key,
+            connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
+            health_interval=args.health_interval,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = DrainingServer(config, app, app.state.forwarder)
+    print(f"routing over {len(args.backend)} backends on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)  # fmt: skip
+    server.run()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "launch":  # a supervisor: no JAX in this process
@@ -502,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if args.command == "router":  # a proxy: no JAX in this process either
+        return _router(args)
     try:
         _check_args(args)
     except ValueError as e:

@@ -78,6 +78,10 @@ def test_models_health_metrics(server, client):
         "shardinfer_generated_tokens_total" in text
         and 'shardinfer_live_slots{replica="0"} 0.0' in text
     )
+    # vLLM's names, which Kubernetes inference routers balance on.
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert f'vllm:{gauge}{{model_name="{MODEL}"}} 0.0' in text, gauge
+    assert re.search(r'vllm:generation_tokens_total\{model_name="[^"]+"\} [1-9]', text)
     assert "shardinfer_ttft_seconds_bucket" in text and "shardinfer_inter_token_seconds" in text
 
 

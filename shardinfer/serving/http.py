@@ -158,7 +158,7 @@ def create_app(
     else:
         for replica in engine.engines:  # an AsyncEngine is its own only replica; a Router has R
             replica.observer = observer
-        observer.watch(lambda: engine.engines)
+        observer.watch(lambda: engine.engines, model_name)
         api, embeddings = _Completions(engine, model_name, default_max_tokens, observer), None
     install_guards(app, api_key, count)
 

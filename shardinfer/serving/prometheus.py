@@ -49,9 +49,11 @@ class ServingMetrics:
         self.embedded_tokens = Counter("shardinfer_embedded_tokens", "Tokens of inputs embedded.",
                                        ["replica"], registry=r)  # fmt: skip
 
-    def watch(self, engines: Callable[[], list]) -> None:
-        """Reports the live state of `engines()` (AsyncEngines) at every scrape."""
+    def watch(self, engines: Callable[[], list], model_name: str = "") -> None:
+        """Reports the live state of `engines()` (AsyncEngines) at every scrape, in our names
+        and in vLLM's (labelled with `model_name`, as vLLM labels them)."""
         self.registry.register(_EngineCollector(engines))
+        self.registry.register(_VllmCollector(engines, model_name))
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()
@@ -83,3 +85,34 @@ class _EngineCollector(Collector):
                 for engine in engines:
                     family.add_metric([engine.replica], float(read(engine)))
                 yield family
+
+
+class _VllmCollector(Collector):
+    """The gauges (and token counters) that routers made for vLLM balance on: Kubernetes'
+    Gateway API Inference Extension reads running and waiting requests and KV-cache use;
+    vLLM's production-stack router reads the same. Totals over the replicas. KV use is the
+    share of cache rows held by live requests: the cache is allocated per slot, so a live
+    request holds its whole row."""
+
+    def __init__(self, engines: Callable[[], list], model_name: str):
+        self.engines, self.model_name = engines, model_name
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        engines = self.engines()
+        live = sum(e.metrics.live_slots for e in engines)
+        slots = sum(e.metrics.slots for e in engines)
+        values = [
+            (GaugeMetricFamily, "num_requests_running", "Requests in decode slots.", live),
+            (GaugeMetricFamily, "num_requests_waiting", "Requests waiting for a slot.",
+             sum(e.waiting() for e in engines)),
+            (GaugeMetricFamily, "kv_cache_usage_perc",
+             "KV cache in use, as a fraction (1 = full).", live / max(slots, 1)),
+            (CounterMetricFamily, "generation_tokens", "Tokens generated.",
+             sum(e.metrics.tokens_generated for e in engines)),
+            (CounterMetricFamily, "prompt_tokens", "Prompt tokens prefilled.",
+             sum(e.metrics.prefill_tokens for e in engines)),
+        ]  # fmt: skip
+        for kind, name, doc, value in values:
+            family = kind(f"vllm:{name}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(value))
+            yield family

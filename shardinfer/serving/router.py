@@ -1,50 +1,40 @@
 """Replicas: R engines on R sub-meshes behind one front end, and the router between them.
 
 Each replica is an AsyncEngine with its own slots, cache and engine thread on its own devices.
-The router prefers a replica where the request gets a slot at once: a decode step costs the
-same however many slots are live, so a free slot means the request runs at full speed now,
-while a full replica makes it wait for some other request to end. Among replicas that all
-have (or all lack) a free slot it picks the least outstanding work: the tokens still to
-generate for everything queued there or in its slots (a request asking for 500 tokens weighs
-50 times one asking for 10); then fewer waiting requests, then the lowest index. Round-robin
-is kept for comparison (benchmarks/serve.py).
+The choice is serving/balance.py's policy, the one the HTTP router over servers uses: a free
+slot first, then the least outstanding work (tokens still to generate for everything queued
+there or in its slots: a request asking for 500 tokens weighs 50 times one asking for 10).
+Replicas are equal sub-meshes, so they are not told apart by speed.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 from shardinfer.engine.sampling import SamplingParams
 from shardinfer.serving.async_engine import AsyncEngine, Handle
+from shardinfer.serving.balance import POLICIES, Load, Policy
 
-POLICIES = ("least_loaded", "round_robin")
+__all__ = ["POLICIES", "Router"]
 
 
 class Router:
     """Looks like one AsyncEngine to the HTTP layer (submit, abort, waiting, busy, stop)."""
 
     def __init__(self, engines: Sequence[AsyncEngine], policy: str = "least_loaded"):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown routing policy {policy!r}; use one of {POLICIES}")
         if not engines:
             raise ValueError("a router needs at least one engine")
-        self.engines, self.policy = list(engines), policy
+        self.engines, self.policy = list(engines), Policy(policy)
         for i, engine in enumerate(self.engines):
             engine.replica = str(i)
-        self._turn = itertools.cycle(range(len(self.engines)))
 
     @property
     def llm(self):
         return self.engines[0].llm  # the tokenizer and limits are the same on every replica
 
     def pick(self) -> AsyncEngine:
-        if self.policy == "round_robin":
-            return self.engines[next(self._turn)]
-        return min(
-            self.engines,
-            key=lambda e: (e.free_slots() <= 0, e.load(), e.waiting(), int(e.replica)),
-        )
+        loads = [Load(e.free_slots(), e.load(), e.waiting()) for e in self.engines]
+        return self.engines[self.policy.pick(loads)]
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
         return self.pick().submit(prompt_ids, params)

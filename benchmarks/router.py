@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -52,7 +51,6 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", default=None, help="directory for the json/md result files")
     args = p.parse_args()
-    os.environ["JAX_NUM_CPU_DEVICES"] = str(len(SLOTS))
     import jax
 
     import shardinfer as si
@@ -61,7 +59,7 @@ def main() -> None:
     from shardinfer.serving.proxy import create_router_app
 
     engines = []
-    for device, slots in zip(jax.devices(), SLOTS, strict=True):
+    for device, slots in zip(jax.devices()[: len(SLOTS)], SLOTS, strict=True):
         llm = si.LLM(args.model, mesh=si.make_mesh(None, devices=[device]), max_batch=slots,
                      max_seq_len=256)  # fmt: skip
         warm = si.SamplingParams(max_tokens=4, ignore_eos=True)

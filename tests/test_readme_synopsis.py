@@ -16,7 +16,12 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 GROUP = "MODEL OPTIONS"
-ENV = ("SHARDINFER_API_KEY", "SHARDINFER_WEIGHT_CACHE", "SHARDINFER_COMPILATION_CACHE")
+ENV = (
+    "SHARDINFER_API_KEY",
+    "SHARDINFER_BACKEND_API_KEY",
+    "SHARDINFER_WEIGHT_CACHE",
+    "SHARDINFER_COMPILATION_CACHE",
+)
 
 
 def _synopsis() -> dict[str, str]:

@@ -2,10 +2,11 @@
 busy each is and how fast it generates.
 
 One asyncio task polls every backend each `interval` seconds: GET /health (and, while
-healthy, /metrics; /v1/models when it comes up). A backend whose /health fails or does not
-answer within `timeout` leaves the pool at once, so a dead one is out within
-interval + timeout seconds (2 s by default), and a request that cannot connect to it takes it
-out sooner. It comes back at the first poll that succeeds.
+healthy, /metrics; /v1/models when it comes up). A backend that refuses the connection (its
+process is gone) leaves the pool at that poll, within `interval` (1 s by default), or sooner
+when a request cannot connect to it; one that fails or does not answer within `timeout` two
+polls in a row leaves at the second, within 2 x (interval + timeout) (4 s by default): a
+loaded backend may miss one poll. It comes back at the first poll that succeeds.
 
 Load is what the router has in flight there (tokens still to come: max_tokens less the chunks
 already passed on), or what the backend reports, whichever is larger (the report includes the
@@ -45,6 +46,7 @@ class Backend:
     reported_outstanding: float = 0.0
     speed: float | None = None  # generated tokens/s
     error: str | None = None  # why it is out of the pool
+    failed_polls: int = 0  # in a row
     _generated: tuple[float, float] | None = None  # (time, counter) at the last poll
     _busy_at_poll: bool = False
 
@@ -153,8 +155,13 @@ class Pool:
             if metrics.status_code == 200:
                 backend.read_metrics(metrics.text, time.monotonic())
         except (httpx.HTTPError, _Unhealthy, ValueError, KeyError) as e:
-            backend.mark_down(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            backend.failed_polls += 1
+            # Refused: the process is gone, out at once. Slow or odd: a loaded backend may miss
+            # one poll, so out at the second in a row.
+            if isinstance(e, httpx.ConnectError) or backend.failed_polls >= 2:
+                backend.mark_down(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             return
+        backend.failed_polls = 0
         if not backend.healthy:
             log.info("backend %s is in the pool (models %s)", backend.url, backend.models)
         backend.healthy, backend.error = True, None

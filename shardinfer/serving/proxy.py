@@ -273,7 +273,7 @@ def create_router_app(
     client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None,
                                                    max_keepalive_connections=64))  # fmt: skip
     poll_headers = {"authorization": f"Bearer {backend_api_key}"} if backend_api_key else {}
-    pool = Pool(backends, client, poll_headers, health_interval, min(health_interval, 1.0))
+    pool = Pool(backends, client, poll_headers, health_interval, timeout=1.0)
     metrics = _Metrics(pool)
     timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout,
                             pool=connect_timeout)  # fmt: skip

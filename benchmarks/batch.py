@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import MODEL, PROMPT, cpu_times, git_revision, machine_info, other_load
+from common import MODEL, PROMPT, cpu_flags, cpu_times, git_revision, machine_info, other_load
 
 import shardinfer as si
 from shardinfer.serving.bench import decode_rate
@@ -92,7 +92,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "revision": git_revision(),
         "machine": machine_info(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": cpu_flags(),
         "new_tokens": args.new_tokens,
         "waves": args.waves,
         "results": results,
@@ -120,16 +120,6 @@ def main() -> None:
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _cpu_flags() -> str:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or "no avx2"
 
 
 if __name__ == "__main__":

@@ -124,3 +124,14 @@ def machine_info() -> dict:
         **{name: version(name) for name in ("jax", "jaxlib", "flax", "torch", "transformers")},
         "devices": [str(d) for d in jax.devices()],
     }
+
+
+def cpu_flags() -> str:
+    """The CPU features bfloat16 and int8 speed depend on, for every result file."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in flags) or "no avx2"

@@ -28,8 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from batch import _cpu_flags
-from common import cpu_times, git_revision, machine_info, other_load, timed
+from common import cpu_flags, cpu_times, git_revision, machine_info, other_load, timed
 
 MODEL = "all-minilm-l6-v2"
 BATCH = 64
@@ -135,7 +134,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "revision": git_revision(),
         "machine": machine_info(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": cpu_flags(),
         "texts": len(texts),
         "tokens": tokens,
         "batch": BATCH,

@@ -24,8 +24,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from batch import _cpu_flags
-from common import git_revision, machine_info
+from common import cpu_flags, git_revision, machine_info
 from serve import load, pct
 
 SLOTS = (4, 4, 1)
@@ -69,7 +68,7 @@ def main() -> None:
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": machine_info(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": cpu_flags(),
         "revision": git_revision(),
         "model": args.model,
         "slots": SLOTS,

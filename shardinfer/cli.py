@@ -12,6 +12,7 @@ from pathlib import Path
 # Importing jax is fine before --host-devices is applied: XLA reads the flag when the backend
 # starts (the first device query), not at import.
 from shardinfer.compile_cache import DEFAULT_CACHE_DIR
+from shardinfer.host_devices import set_host_devices
 from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR
 
 
@@ -21,9 +22,7 @@ def _set_host_devices(n: int | None) -> None:
         return
     if n < 1:
         raise SystemExit(f"--host-devices must be >= 1, got {n}")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device" not in f]
-    flags.append(f"--xla_force_host_platform_device_count={n}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+    set_host_devices(n)
 
 
 def _process_age() -> float:

@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from shardinfer.host_devices import set_host_devices
+
 POLL_SECONDS = 0.1
 
 
@@ -77,10 +79,7 @@ def launch(
         env.update(SHARDINFER_COORDINATOR=coordinator, SHARDINFER_NUM_PROCESSES=str(num_processes),
                    SHARDINFER_PROCESS_ID=str(i))  # fmt: skip
         if host_devices is not None:
-            flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device" not in f]
-            env["XLA_FLAGS"] = " ".join(
-                [*flags, f"--xla_force_host_platform_device_count={host_devices}"]
-            )
+            set_host_devices(host_devices, env)
         child = subprocess.Popen([sys.executable, "-m", "shardinfer.cli", *command], env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  start_new_session=True)  # fmt: skip

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def _run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | extra_env
     return subprocess.run(
         [sys.executable, "-m", "shardinfer.cli", *args],
         capture_output=True,
@@ -46,6 +46,13 @@ def test_info_lists_simulated_devices():
     done = _run("info", "--host-devices", "4")
     assert done.returncode == 0, done.stderr
     assert "4 local device(s), 4 in all" in done.stdout and "process 0 of 1" in done.stdout
+
+
+def test_host_devices_wins_over_jax_num_cpu_devices():
+    """JAX's own variable beats XLA's flag; a notebook's or shell's must not beat the option."""
+    done = _run("info", "--host-devices", "2", JAX_NUM_CPU_DEVICES="8")
+    assert done.returncode == 0, done.stderr
+    assert "2 local device(s), 2 in all" in done.stdout
 
 
 def test_bad_mesh_is_a_clear_error():

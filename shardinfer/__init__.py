@@ -1,6 +1,6 @@
 """shardinfer: sharded inference for Flax NNX language models on a JAX device mesh."""
 
-from shardinfer import distributed
+from shardinfer import distributed, family
 from shardinfer.batch import BatchSummary, run_batch
 from shardinfer.config import ModelConfig
 from shardinfer.embedder import Embedder
@@ -23,6 +23,7 @@ __all__ = [
     "ShardingRules",
     "__version__",
     "distributed",
+    "family",
     "init_random_model",
     "load_model",
     "make_mesh",

@@ -197,12 +197,14 @@ def init_random_model(
     seed: int = 0,
     quantize: str | None = None,
     layer_loop: str | None = None,
+    rules: ShardingRules | None = None,
 ) -> Model:
-    """Random weights created in place on their shards (for benchmarks of untrained configs)."""
-    mesh = as_mesh(mesh)
+    """Random weights created in place on their shards (for benchmarks of untrained configs,
+    and a new family's first steps); `rules` as for load_model."""
+    mesh = as_mesh(mesh, rules)
     platform = mesh_platform(mesh)
     dtype, loop = resolve_dtype(dtype, platform), resolve_layer_loop(layer_loop, platform)
-    sharder = Sharder(mesh, ShardingRules.load())
+    sharder = Sharder(mesh, rules or ShardingRules.load())
     graphdef, abstract = abstract_model(config, sharder, dtype, quantize, loop)
     shardings = param_shardings(abstract, sharder)
     build = family_for(config.architecture).build

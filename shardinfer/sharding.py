@@ -35,6 +35,14 @@ class ShardingRules:
             raise ValueError(f"no sharding preset {preset!r}; known: {', '.join(table)}")
         return cls(tuple((k, v) for k, v in table[preset].items()))
 
+    def replace(self, **changes: str | None) -> ShardingRules:
+        """These rules with some logical axes mapped elsewhere: `rules.replace(mlp=None)`
+        replicates the MLP weights, `rules.replace(vocab="data")` moves the vocabulary."""
+        unknown = sorted(set(changes) - {name for name, _ in self.rules})
+        if unknown:
+            raise ValueError(f"no rule for logical axis {unknown}; rules cover {self.names()}")
+        return ShardingRules(tuple((name, changes.get(name, axis)) for name, axis in self.rules))
+
     def mesh_axis(self, logical: str | None) -> str | None:
         if logical is None:
             return None

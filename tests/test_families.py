@@ -195,3 +195,43 @@ def test_toy_family_loads_hf_files_and_round_trips_a_checkpoint(toy_family, tmp_
     restored = si.load_model(tmp_path / "ckpt", mesh="model=8")
     assert restored.config == model.config
     np.testing.assert_allclose(restored.logits(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- the public interface a user writes a family against ---------------------------------------
+
+
+def test_the_family_interface_is_one_public_import():
+    from shardinfer import family
+
+    assert family.Family is registry.Family and family.register is registry.register
+    assert family.LayerKV is LayerKV and family.weight is weight and family.TensorRef is TensorRef
+    for name in family.__all__:
+        assert getattr(family, name) is not None
+
+
+def test_a_family_without_hf_readers_builds_saves_and_refuses_hf_dirs(tmp_path):
+    bare = dataclasses.replace(TOY, name="bare", config_from_hf=None, hf_tensor=None)
+    registry.register(bare)
+    try:
+        model = si.init_random_model(ToyConfig(), mesh=MESH)
+        model.save(tmp_path / "ckpt")
+        restored = si.load_model(tmp_path / "ckpt", mesh="model=8")
+        tokens = np.arange(6)[None]
+        np.testing.assert_allclose(restored.logits(tokens), model.logits(tokens), atol=1e-5)
+        hf = tmp_path / "hf"
+        hf.mkdir()
+        (hf / "config.json").write_text(json.dumps({"model_type": "toy", "vocab_size": 64}))
+        with pytest.raises(ValueError, match="family 'bare' reads no Hugging Face directories"):
+            si.load_model(hf, mesh=MESH)
+    finally:
+        registry.unregister("bare")
+    with pytest.raises(ValueError, match="both config_from_hf and hf_tensor, or neither"):
+        dataclasses.replace(TOY, hf_tensor=None)
+
+
+def test_init_random_model_takes_the_rules(toy_family):
+    rules = si.ShardingRules.load().replace(vocab=None)
+    model = si.init_random_model(ToyConfig(), mesh=MESH, rules=rules)
+    assert model.state["embed"].get_value().sharding.spec == P()  # vocab no longer on `model`
+    with pytest.raises(ValueError, match=r"no rule for logical axis \['vocabulary'\]"):
+        rules.replace(vocabulary=None)

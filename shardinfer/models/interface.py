@@ -98,8 +98,8 @@ class Decoder(Protocol):
 @runtime_checkable
 class Encoder(Protocol):
     """A bidirectional encoder ("encoder" in the registry, e.g. BERT for embeddings): no KV
-    cache and no sampling, so the engine's decode loop never runs it. Provisional: no family
-    implements it yet; the first one (and an embedding path beside `Model.logits`) fixes it."""
+    cache and no sampling, so the engine's decode loop never runs it; `Embedder` does. Its
+    config also gives `hidden_size` (the vector width) and `pad_token_id` (what padding holds)."""
 
     def __call__(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
         """tokens int32 [B, T] right-padded, lengths [B] -> hidden states [B, T, E], each row

@@ -34,10 +34,12 @@ class Family:
     # (cfg, sharder, dtype, rngs | None, quantize, layer_loop) -> the NNX module
     build: Callable[..., Any]
     config_type: type  # frozen dataclass with to_dict() and from_dict() (checkpoints)
+    # Hugging Face directories (both or neither; without them the family still builds random
+    # weights and reads and writes shardinfer checkpoints):
     # config.json (and generation_config.json, or None) -> config
-    config_from_hf: Callable[[dict[str, Any], dict[str, Any] | None], Any]
+    config_from_hf: Callable[[dict[str, Any], dict[str, Any] | None], Any] | None = None
     # (nnx state path, config) -> the HF tensor behind that parameter, and how to lay it out
-    hf_tensor: Callable[[tuple, Any], TensorRef]
+    hf_tensor: Callable[[tuple, Any], TensorRef] | None = None
     # What a checkpoint may put before every name hf_tensor gives, tried in order (BERT's
     # "bert." when saved from a task model; sentence-transformers saves none).
     hf_prefixes: tuple[str, ...] = ("",)
@@ -53,8 +55,13 @@ class Family:
     def __post_init__(self) -> None:
         if self.kind not in ("decoder", "encoder"):
             raise ValueError(f"family {self.name!r}: kind must be decoder or encoder")
+        if (self.config_from_hf is None) != (self.hf_tensor is None):
+            raise ValueError(f"family {self.name!r}: give both config_from_hf and hf_tensor, or "
+                             "neither")  # fmt: skip
         if self.gguf_architectures and not (self.config_from_gguf and self.gguf_to_hf):
             raise ValueError(f"family {self.name!r} reads GGUF but lacks a config or name map")
+        if self.gguf_architectures and self.hf_tensor is None:
+            raise ValueError(f"family {self.name!r} reads GGUF, which needs hf_tensor")
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -94,6 +101,9 @@ def family_for(architecture: str | None, source: Source = "config") -> Family:
     attr = "gguf_architectures" if source == "gguf" else "architectures"
     for family in _FAMILIES.values():
         if architecture in getattr(family, attr):
+            if source == "hf" and family.config_from_hf is None:
+                raise ValueError(f"family {family.name!r} reads no Hugging Face directories "
+                                 "(it has no config_from_hf and hf_tensor)")  # fmt: skip
             return family
     where = " in config.json" if source == "hf" else ""
     raise ValueError(

@@ -1,9 +1,9 @@
-"""The README's command synopsis ("## Command line") and the argparse parsers stay in step.
+"""docs/cli.md's command synopsis ("## Synopsis") and the argparse parsers stay in step.
 
 Every option of every subcommand appears in that subcommand's synopsis line (required ones
 outside brackets, the rest inside), with its default where it has one that is not a path; the
 synopsis names no option, subcommand or positional argument that does not exist. Conventions
-the README states under the block: a value shown is the default, UPPER CASE names a value to
+the page states under the block: a value shown is the default, UPPER CASE names a value to
 give, a|b lists the choices (the default first), and `[MODEL OPTIONS]` stands for the
 `MODEL OPTIONS:` entry.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 GROUP = "MODEL OPTIONS"
 ENV = (
     "SHARDINFER_API_KEY",
@@ -26,9 +26,9 @@ ENV = (
 
 def _synopsis() -> dict[str, str]:
     """{"generate": "...", ..., GROUP: "..."} from the first code block of the section."""
-    text = README.read_text()
-    section = text.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```", 2)[1]
+    text = PAGE.read_text()
+    section = text.split("\n## Synopsis\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```text\n", 1)[1].split("```", 1)[0]
     entries: dict[str, str] = {}
     current = None
     for line in block.splitlines():
@@ -117,7 +117,7 @@ def test_every_option_appears_with_its_default(parsers):
                 assert (name, 0) in [(w, d) for w, _, d in items], f"{where}: not as {name}"
                 continue
             found = [(v, d) for w, v, d in items if w in action.option_strings]
-            assert found, f"{where} is missing from the README synopsis"
+            assert found, f"{where} is missing from the synopsis in docs/cli.md"
             depths = {d for _, d in found}
             if action.required:
                 assert 0 in depths, f"{where} is required: it belongs outside brackets"
@@ -158,15 +158,12 @@ def test_the_synopsis_names_no_option_that_does_not_exist(parsers):
             if word == "--":  # the end of options, before a command to pass on (launch)
                 continue
             if word.startswith("-"):
-                assert word in known, f"README: shardinfer {command} has no option {word}"
+                assert word in known, f"docs/cli.md: shardinfer {command} has no option {word}"
             elif word != "...":
-                assert word in positionals, f"README: shardinfer {command} takes no {word}"
+                assert word in positionals, f"docs/cli.md: shardinfer {command} takes no {word}"
 
 
-def test_the_section_mentions_no_option_that_does_not_exist(parsers):
+def test_the_page_mentions_no_option_that_does_not_exist(parsers):
     known = {s for p in parsers.values() for a in p._actions for s in a.option_strings}
-    section = README.read_text().split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
-    for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", section):
-        assert option in known, (
-            f"README's Command line section names {option}, which no command has"
-        )
+    for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", PAGE.read_text()):
+        assert option in known, f"docs/cli.md names {option}, which no command has"

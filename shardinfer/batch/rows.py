@@ -68,7 +68,7 @@ def parse_line(text: str, line: int, model: str, task: Task | None) -> Row:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadLine(f"not JSON: {e.msg} at column {e.colno}") from None
+        raise BadLine(f"not JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(data, dict):
         raise BadLine(f"a line must be a JSON object, got {type(data).__name__}")
     if "custom_id" in data:

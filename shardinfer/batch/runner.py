@@ -41,9 +41,14 @@ class BatchSummary:
 
     def describe(self) -> str:
         rate = self.completion_tokens / self.seconds if self.seconds else 0.0
-        return (f"{self.rows} rows written, {self.resumed} already done, {self.errors} errors, "
+        return (f"{_count(self.rows, 'row')} written, {self.resumed} already done, "
+                f"{_count(self.errors, 'error')}, "
                 f"{self.prompt_tokens} prompt and {self.completion_tokens} generated tokens in "
                 f"{self.seconds:.1f} s ({rate:.1f} tok/s)")  # fmt: skip
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

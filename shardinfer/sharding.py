@@ -91,7 +91,9 @@ def logical_to_spec(
         size = mesh.shape[axis]
         if dim % size:
             key = (logical, dim, axis, size)
-            if key not in _already_logged:
+            # Remembered only once said: a script that turns logging on after its first load
+            # still hears it.
+            if key not in _already_logged and log.isEnabledFor(logging.INFO):
                 _already_logged.add(key)
                 log.info(
                     "%s of size %d does not divide by mesh axis %s=%d: replicated instead",

@@ -17,10 +17,11 @@ from jax.sharding import Mesh
 
 from shardinfer.config import ModelConfig
 from shardinfer.mesh import MeshSpec, make_mesh, mesh_platform
+from shardinfer.models.blocks import BlockWeight
 from shardinfer.models.interface import LAYER_LOOPS
 from shardinfer.models.layer_forms import convert_layers
 from shardinfer.models.registry import Family, family_for, gguf_family, hf_family
-from shardinfer.models.weights import INT8_MODES, QUANTIZE_MODES
+from shardinfer.models.weights import BLOCK_MODES, INT8_MODES, QUANTIZE_MODES
 from shardinfer.sharding import Sharder, ShardingRules, place
 from shardinfer.weights.gguf_file import GGUFFile
 from shardinfer.weights.hf import SafetensorsDirectory, read_hf_config
@@ -79,7 +80,7 @@ class Model:
     dtype: jnp.dtype
     tokenizer: Tokenizer | None = None
     source: str = ""
-    quantize: str | None = None  # None, "int8" or "w8a8" (see models/weights.py)
+    quantize: str | None = None  # None or a QUANTIZE_MODES entry (see models/weights.py)
     layer_loop: str = "scan"  # how the layers run, and the form `state` holds them in
 
     def __post_init__(self) -> None:
@@ -137,6 +138,9 @@ class Model:
         if self.family.kind != "decoder":
             # Its pooling (sentence-transformers' modules.json) is not part of a checkpoint.
             raise ValueError("saving an encoder as a shardinfer checkpoint is not supported")
+        if self.quantize == "gguf":  # each weight's format came from the file, not the config
+            raise ValueError("a model loaded with quantize='gguf' cannot be saved yet; convert "
+                             "the GGUF file with quantize='q8_0' or 'q4_0' instead")  # fmt: skip
         # Always the stacked form on disk (models/layer_forms.py).
         _, stacked = abstract_model(self.config, self.sharder, self.dtype, self.quantize, "scan")
         state = convert_layers(self.state, stacked, param_shardings(stacked, self.sharder))
@@ -174,6 +178,25 @@ def _full_logits(graphdef, state, tokens):
     return model.logits(hidden)
 
 
+def file_block_formats(graphdef, abstract, gguf: GGUFFile, config) -> tuple:
+    """The abstract model with each block weight in its GGUF tensor's own format; a weight
+    stored as floats, or whose layers differ (a stacked weight has one format), is q8_0."""
+    module = nnx.merge(graphdef, abstract)
+    hf_tensor = family_for(config.architecture).hf_tensor
+    for path, block in nnx.iter_modules(module):
+        if not isinstance(block, BlockWeight):
+            continue
+        stacked = path[0] == "layers" and not isinstance(path[1], int)
+        paths = [("layers", i, *path[1:]) for i in range(config.num_layers)] if stacked else [path]
+        found = {gguf.block_format(hf_tensor(p, config).name) for p in paths}
+        fmt = found.pop() if len(found) == 1 else None
+        if fmt is None:
+            log.info("%s: %s in the file, held as q8_0", ".".join(map(str, path)),
+                     "floats" if not found else "mixed formats")  # fmt: skip
+        block.reformat(fmt or "q8_0")
+    return nnx.split(module)
+
+
 def abstract_model(
     config: ModelConfig,
     sharder: Sharder,
@@ -184,7 +207,8 @@ def abstract_model(
     """Shapes, dtypes and logical axes of every parameter; no memory is allocated. The module
     is the one the config's family builds (models/registry.py)."""
     if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8, w8a8")
+        raise ValueError(f"unknown quantize mode {quantize!r}; supported: "
+                         f"{', '.join(m for m in QUANTIZE_MODES if m)}")  # fmt: skip
     build = family_for(config.architecture).build
     abstract = nnx.eval_shape(lambda: build(config, sharder, dtype, None, quantize, layer_loop))
     return nnx.split(abstract)
@@ -201,6 +225,9 @@ def init_random_model(
 ) -> Model:
     """Random weights created in place on their shards (for benchmarks of untrained configs,
     and a new family's first steps); `rules` as for load_model."""
+    if quantize == "gguf":
+        raise ValueError("quantize='gguf' keeps a GGUF file's blocks; for random weights in "
+                         "block formats use 'q8_0' or 'q4_0'")  # fmt: skip
     mesh = as_mesh(mesh, rules)
     platform = mesh_platform(mesh)
     dtype, loop = resolve_dtype(dtype, platform), resolve_layer_loop(layer_loop, platform)
@@ -320,8 +347,15 @@ def _load(source, kind, mesh, dtype, rules, quantize, layer_loop, weight_cache) 
         _require_kind(config, kind, source)
     else:
         raise _cannot_load(source)
+    if quantize == "gguf" and not isinstance(tensors, GGUFFile):
+        raise ValueError(f"quantize='gguf' keeps a GGUF file's blocks, and {source} is not a "
+                         "GGUF file; use quantize='q8_0' or 'q4_0'")  # fmt: skip
     graphdef, abstract = abstract_model(config, sharder, dtype, quantize, loop)
-    cache = WeightCache(weight_cache) if weight_cache and isinstance(tensors, GGUFFile) else None
+    if quantize == "gguf":
+        graphdef, abstract = file_block_formats(graphdef, abstract, tensors, config)
+    # Block weights are read as stored (nothing to dequantize), so they skip the cache.
+    cached = weight_cache and isinstance(tensors, GGUFFile) and quantize not in BLOCK_MODES
+    cache = WeightCache(weight_cache) if cached else None
     state = cache.load(path, abstract, sharder) if cache else None
     if state is None:
         hf_tensor = family_for(config.architecture).hf_tensor

@@ -47,10 +47,11 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs, quantize, layers: int | None = None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, quantize, layers: int | None = None,
+                 sharder: Sharder | None = None):  # fmt: skip
         e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_axes, kv_axes = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
-        common = (dtype, quantize, layers)
+        common = (dtype, quantize, layers, sharder)
         self.q_proj = weight(rngs, (e, hq, d), q_axes, (0,), *common)
         self.k_proj = weight(rngs, (e, hkv, d), kv_axes, (0,), *common)
         self.v_proj = weight(rngs, (e, hkv, d), kv_axes, (0,), *common)
@@ -116,9 +117,10 @@ def _visible(q_pos, k_pos, window: int | None):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs, quantize, layers: int | None = None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, quantize, layers: int | None = None,
+                 sharder: Sharder | None = None):  # fmt: skip
         e, m = cfg.hidden_size, cfg.intermediate_size
-        common = (dtype, quantize, layers)
+        common = (dtype, quantize, layers, sharder)
         self.gate_proj = weight(rngs, (e, m), ("embed", "mlp"), (0,), *common)
         self.up_proj = weight(rngs, (e, m), ("embed", "mlp"), (0,), *common)
         self.down_proj = weight(rngs, (m, e), ("mlp", "embed"), (0,), *common)
@@ -131,12 +133,13 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """One decoder layer; built with `layers=L`, its parameters hold all L layers stacked."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs, quantize, layers: int | None = None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, quantize, layers: int | None = None,
+                 sharder: Sharder | None = None):  # fmt: skip
         e, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(e, eps, dtype, layers)
-        self.self_attn = Attention(cfg, dtype, rngs, quantize, layers)
+        self.self_attn = Attention(cfg, dtype, rngs, quantize, layers, sharder)
         self.post_attention_layernorm = RMSNorm(e, eps, dtype, layers)
-        self.mlp = MLP(cfg, dtype, rngs, quantize, layers)
+        self.mlp = MLP(cfg, dtype, rngs, quantize, layers, sharder)
 
     def __call__(self, x, positions, rope, cache):
         with jax.named_scope("attention"):
@@ -168,13 +171,14 @@ class Llama(nnx.Module):
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"unknown layer_loop {layer_loop!r}; use one of {LAYER_LOOPS}")
         self.cfg, self.sharder, self.dtype, self.layer_loop = cfg, sharder, dtype, layer_loop
-        table = ((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), (1,), dtype, quantize)
+        table = ((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), (1,), dtype, quantize, None,
+                 sharder)  # fmt: skip
         self.embed_tokens = weight(rngs, *table)
         if layer_loop == "scan":
-            self.layers = Block(cfg, dtype, rngs, quantize, layers=cfg.num_layers)
+            self.layers = Block(cfg, dtype, rngs, quantize, cfg.num_layers, sharder)
         else:
             self.layers = nnx.List(
-                [Block(cfg, dtype, rngs, quantize) for _ in range(cfg.num_layers)]
+                [Block(cfg, dtype, rngs, quantize, None, sharder) for _ in range(cfg.num_layers)]
             )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if not cfg.tie_word_embeddings:

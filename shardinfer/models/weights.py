@@ -16,10 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from shardinfer.models.blocks import BlockWeight, block_dense, block_rows
+
 # "int8": int8 weights, float activations (the weight is upcast inside the matmul).
 # "w8a8": the same int8 weights, and activations quantized per token: int8 x int8 dots.
-QUANTIZE_MODES = (None, "int8", "w8a8")
+# "q8_0", "q4_0": GGUF's block formats (models/blocks.py), made from any checkpoint; "gguf": a
+# GGUF file's blocks as they are (each tensor in its file's format; float ones become q8_0).
+QUANTIZE_MODES = (None, "int8", "w8a8", "gguf", "q8_0", "q4_0")
 INT8_MODES = ("int8", "w8a8")
+BLOCK_MODES = ("gguf", "q8_0", "q4_0")
 
 
 def quantize_int8(w, contract: tuple[int, ...]):
@@ -57,12 +62,14 @@ def weight(
     dtype,
     quantize: str | None,
     layers: int | None = None,
+    sharder=None,
 ):
     """A matmul weight of `shape` whose `contract` axes are summed over in use (stacked over
     `layers` when given).
 
     Random normal values (std 0.02), or zeros when rngs is None (abstract shapes: cheaper to
-    trace).
+    trace). Block formats need the `sharder`: their matmul runs per device (shard_map). Under
+    "gguf" each weight starts as q8_0 and model.py gives it its file's format.
     """
     shape, axes, contract = stacked(layers, shape, axes, contract)
     if rngs is None:
@@ -71,8 +78,14 @@ def weight(
         value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
     if quantize in INT8_MODES:
         return Int8Weight(value, axes, contract, int8_activations=quantize == "w8a8")
+    if quantize in BLOCK_MODES:
+        if sharder is None:
+            raise ValueError(f"quantize={quantize!r} weights need the model's sharder")
+        return BlockWeight(value, axes, contract, "q8_0" if quantize == "gguf" else quantize,
+                           sharder)  # fmt: skip
     if quantize is not None:
-        raise ValueError(f"unknown quantize mode {quantize!r}; supported: int8, w8a8")
+        raise ValueError(f"unknown quantize mode {quantize!r}; supported: "
+                         f"{', '.join(m for m in QUANTIZE_MODES if m)}")  # fmt: skip
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
@@ -84,6 +97,11 @@ def dense(x: jax.Array, w, contract: int = 1, out_dtype=None) -> jax.Array:
     XLA:CPU transpose whole weights (o_proj) every step. Products accumulate in float32 whatever
     the compute dtype (XLA:CPU would otherwise sum bfloat16 in bfloat16, and greedy text drifts
     from float32 within a few tokens)."""
+    if isinstance(w, BlockWeight):
+        if contract != len(w.k_axes):
+            raise ValueError(f"dense over {contract} axes of a weight that contracts "
+                             f"{len(w.k_axes)}")  # fmt: skip
+        return block_dense(x, w).astype(out_dtype or x.dtype)
     values = w.q[...] if isinstance(w, Int8Weight) else w[...]
     k_shape, n_shape = values.shape[:contract], values.shape[contract:]
     lead = x.shape[: x.ndim - contract]
@@ -95,6 +113,8 @@ def dense(x: jax.Array, w, contract: int = 1, out_dtype=None) -> jax.Array:
 
 def dense_transposed(x: jax.Array, w, out_dtype=None) -> jax.Array:
     """x [..., E] against a (rows, E) table -> [..., rows]: the tied or untied lm_head."""
+    if isinstance(w, BlockWeight):  # stored (rows, E) already: output axes first
+        return block_dense(x, w).astype(out_dtype or x.dtype)
     values = w.q[...] if isinstance(w, Int8Weight) else w[...]
     return _matmul_f32(x, w, values, transposed=True).astype(out_dtype or x.dtype)
 
@@ -169,6 +189,8 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 def embed_rows(w, tokens: jax.Array, dtype) -> jax.Array:
     """Rows of a (vocab, embed) table: the embedding lookup."""
+    if isinstance(w, BlockWeight):
+        return block_rows(w, tokens, dtype)
     if isinstance(w, Int8Weight):
         rows = jnp.take(w.q[...], tokens, axis=0).astype(dtype)
         return rows * jnp.take(w.scale[...], tokens, axis=0)[..., None].astype(dtype)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shardinfer.weights.gguf_quants import dequantize
+from shardinfer.weights.gguf_quants import dequantize, split_blocks
 from shardinfer.weights.gguf_reader import read_gguf, tensor_bytes
 
 _SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
@@ -46,6 +46,25 @@ class GGUFFile:
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
+
+    def block_format(self, name: str) -> str | None:
+        """ "q8_0", "q4_0" or "q4_1" for a tensor stored in that block format, else None."""
+        from gguf import GGMLQuantizationType
+
+        kind = GGMLQuantizationType(self._tensors[name].type_id).name
+        return kind.lower() if kind in ("Q8_0", "Q4_0", "Q4_1") else None
+
+    def blocks(self, name: str):
+        """A block tensor's (qs, d, m) in HF row order (models/blocks.py layout, rows first),
+        read as stored, without dequantizing; None for a tensor in another type. The family's
+        `gguf_tensor` fix-up is applied to each part: it may only reorder rows."""
+        t = self._tensors[name]
+        qtype, raw = tensor_bytes(self._mmap, self._contents, t, self.path)
+        parts = split_blocks(raw.reshape(-1, raw.shape[-1]), qtype.name)
+        if parts is None:
+            return None
+        return tuple(None if a is None else self.family.gguf_tensor(name, a, self.config)
+                     for a in parts)  # fmt: skip
 
     def get(self, name: str) -> np.ndarray:
         t = self._tensors[name]

@@ -70,3 +70,27 @@ def dequantize(raw: np.ndarray, qtype_name: str) -> np.ndarray:
     """float32 values of `raw` (rows of bytes, as stored) shaped [*rows, row_len]."""
     rows = raw.shape[:-1]
     return DEQUANTIZE[qtype_name](raw).reshape(*rows, -1)
+
+
+# Where each part of a block lies: (qs start, bytes of qs, scale offsets d and m).
+_BLOCK_PARTS = {"Q8_0": (2, BLOCK, 0, None), "Q4_0": (2, BLOCK // 2, 0, None),
+                "Q4_1": (4, BLOCK // 2, 0, 2)}  # fmt: skip
+
+
+def split_blocks(raw: np.ndarray, qtype_name: str):
+    """A block tensor's rows of bytes [rows, row_bytes] as the arrays models/blocks.py keeps:
+    (qs [rows, blocks, bytes], d [rows, blocks] float16, m or None); None for a type that is
+    not one of those block formats."""
+    if qtype_name not in _BLOCK_PARTS:
+        return None
+    start, size, d_at, m_at = _BLOCK_PARTS[qtype_name]
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, -1, start + size)
+    qs = b[..., start:].copy()
+    if qtype_name == "Q8_0":
+        qs = qs.view(np.int8)
+
+    def half(at):
+        return b[..., at : at + 2].copy().view(np.float16)[..., 0]
+
+    return qs, half(d_at), None if m_at is None else half(m_at)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from shardinfer.models.blocks import quantize_blocks
 from shardinfer.models.weights import quantize_int8
 from shardinfer.sharding import Sharder
 
@@ -59,38 +60,63 @@ def load_params(
     here: with the slices aligned, placing costs nothing on CPU.)
     """
     leaves = dict(nnx.to_flat_state(abstract_state))
-    # One task per checkpoint tensor: both halves of an int8 weight come from the same one.
+    # One task per checkpoint tensor: both halves of an int8 weight (all parts of a block
+    # weight) come from the same one.
     tasks: dict[tuple, list[tuple]] = {}
     for path, var in leaves.items():
-        key = path[:-1] if getattr(var, "contract", None) is not None else path
-        tasks.setdefault(key, []).append(path)
+        whole = getattr(var, "contract", None) is None and not _block_format(var)
+        tasks.setdefault(path if whole else path[:-1], []).append(path)
 
-    def read_one(path: tuple) -> np.ndarray:
+    def checked_ref(path: tuple) -> TensorRef:
         ref = hf_tensor(path, cfg)
         if ref.name not in source:
             raise ValueError(f"checkpoint has no tensor {ref.name!r}, which the config needs")
-        raw = source.get(ref.name)
+        return ref
+
+    def checked(ref: TensorRef, raw: np.ndarray) -> np.ndarray:
         if tuple(raw.shape) != ref.shape:
             raise ValueError(
                 f"tensor {ref.name!r} has shape {tuple(raw.shape)} in the checkpoint, but the "
                 f"config needs {ref.shape}"
             )
-        return ref.to_ours(raw)
+        return raw
 
-    def read(path: tuple) -> np.ndarray:
+    def read_one(path: tuple) -> np.ndarray:
+        ref = checked_ref(path)
+        return ref.to_ours(checked(ref, source.get(ref.name)))
+
+    def layers_of(path: tuple, read_layer):
         if path[0] != "layers" or isinstance(path[1], int):  # not stacked (or one layer's)
-            return read_one(path)
+            return read_layer(path)
         # A stacked layer parameter: the same tensor of every layer, in order.
-        return np.stack([read_one(("layers", i, *path[1:])) for i in range(cfg.num_layers)])
+        each = [read_layer(("layers", i, *path[1:])) for i in range(cfg.num_layers)]
+        return jax.tree.map(lambda *xs: np.stack(xs), *each)
+
+    def read_blocks(path: tuple, fmt: str) -> tuple:
+        """A block weight's (qs, d, m) in HF [out, in] row order: the file's own blocks when
+        they are in `fmt`, else the float tensor quantized to it."""
+        ref = checked_ref(path)
+        if len(ref.shape) != 2:
+            raise ValueError(f"{ref.name}: block formats read [out, in] matmul weights")
+        if getattr(source, "block_format", lambda name: None)(ref.name) == fmt:
+            return source.blocks(ref.name)
+        return quantize_blocks(checked(ref, np.asarray(source.get(ref.name), np.float32)), fmt)
 
     def host_slices(key: tuple) -> dict[tuple, dict[tuple, np.ndarray]]:
         """For each leaf of this task: its slice for every local device, keyed by index."""
         paths = tasks[key]
         if paths == [key]:
-            values = {key: (read(key), dtype)}
+            values = {key: (layers_of(key, read_one), dtype)}
+        elif fmt := _block_format(leaves[paths[0]]):  # a BlockWeight: its blocks, reshaped
+            parts = layers_of(key, lambda path: read_blocks(path, fmt))
+            values = {}
+            for name, part in zip(("qs", "d", "m"), parts, strict=True):
+                if part is not None:
+                    shape = leaves[(*key, name)].get_value().shape
+                    values[(*key, name)] = (part.reshape(shape), part.dtype)
         else:  # an Int8Weight: quantize the float tensor once for "q" and "scale"
             contract = leaves[paths[0]].contract
-            q, scale = quantize_int8(np.asarray(read(key), np.float32), contract)
+            q, scale = quantize_int8(np.asarray(layers_of(key, read_one), np.float32), contract)
             values = {(*key, "q"): (q, q.dtype), (*key, "scale"): (scale, scale.dtype)}
         out = {}
         for path, (array, target_dtype) in values.items():
@@ -107,6 +133,10 @@ def load_params(
                 shape, shardings[path], lambda index, s=slices: s[_index_key(index)]
             )
     return nnx.map_state(lambda path, var: var.replace(placed[path]), abstract_state)
+
+
+def _block_format(var) -> str | None:
+    return getattr(var, "block_format", None)
 
 
 def _index_key(index: tuple) -> tuple:

@@ -1,0 +1,250 @@
+"""Weights in GGUF's block formats, kept as blocks in memory and multiplied as blocks.
+
+A block is 32 consecutive values along the contracted (input) dimension with their own scale
+(llama.cpp's layouts):
+  q8_0: f16 d, int8 q[32]          w = d * q
+  q4_0: f16 d, u8 q[16]            w = d * (nibble - 8)
+  q4_1: f16 d, f16 m, u8 q[16]     w = d * nibble + m
+where byte i of a 4-bit block holds element i in its low nibble and element i + 16 in its high
+one. A `BlockWeight` stores the weight transposed, output axes first, as arrays `qs`
+[*N, *K[:-1], K[-1] / 32, bytes], `d` (and `m`) [*N, *K[:-1], K[-1] / 32], each axis carrying
+the weight's logical axis, so the rules shard the blocks like the float weight: column-parallel
+weights split their output rows, row-parallel ones whole blocks of their input.
+
+The matmul runs per device inside `shard_map`: each device multiplies its own shard (the
+C++ kernels of shardinfer.kernels on x86-64 CPUs, the same math in XLA elsewhere) and a
+row-parallel weight's partial sums are added over its mesh axis.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+BLOCK = 32
+BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
+_PAYLOAD = {"q8_0": BLOCK, "q4_0": BLOCK // 2, "q4_1": BLOCK // 2}  # bytes of q per block
+_QS_DTYPE = {"q8_0": np.int8, "q4_0": np.uint8, "q4_1": np.uint8}
+
+log = logging.getLogger("shardinfer")
+
+
+# ---- block arrays on the host (numpy) or in jit (jnp) ----------------------------------------
+
+
+def quantize_blocks(w, fmt: str):
+    """w [..., K] (K a multiple of 32) -> (qs [..., K/32, bytes], d [..., K/32] float16,
+    m or None), rounding as llama.cpp's reference quantizers do."""
+    xp = jnp if isinstance(w, jax.Array) else np
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"{fmt} needs rows that are a multiple of {BLOCK}; got {w.shape[-1]}")
+    x = w.astype(xp.float32).reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
+    m = None
+    if fmt == "q8_0":
+        d = xp.max(xp.abs(x), axis=-1) / 127.0
+        q = _round_away(x * _inverse(d, xp)[..., None], xp)
+        return q.astype(xp.int8), d.astype(xp.float16), None
+    if fmt == "q4_0":  # the value of largest magnitude maps to -8
+        peak = xp.take_along_axis(x, xp.argmax(xp.abs(x), axis=-1)[..., None], axis=-1)[..., 0]
+        d = peak / -8.0
+        q = xp.floor(x * _inverse(d, xp)[..., None] + 8.5)
+    elif fmt == "q4_1":
+        low, high = xp.min(x, axis=-1), xp.max(x, axis=-1)
+        d, m = (high - low) / 15.0, low
+        q = xp.floor((x - low[..., None]) * _inverse(d, xp)[..., None] + 0.5)
+    else:
+        raise ValueError(f"unknown block format {fmt!r}; supported: {', '.join(BLOCK_FORMATS)}")
+    q = xp.clip(q, 0, 15).astype(xp.uint8)
+    packed = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)
+    return packed, d.astype(xp.float16), None if m is None else m.astype(xp.float16)
+
+
+def dequantize_blocks(qs, d, m, fmt: str, dtype=jnp.float32):
+    """The inverse layout: (qs, d, m) -> values [..., K] in `dtype` (numpy or jnp)."""
+    xp = jnp if isinstance(qs, jax.Array) else np
+    if fmt == "q8_0":
+        q = qs.astype(xp.float32)
+    else:
+        low, high = qs & 0x0F, qs >> 4
+        q = xp.concatenate([low, high], axis=-1).astype(xp.float32)
+        if fmt == "q4_0":
+            q = q - 8.0
+    w = q * d.astype(xp.float32)[..., None]
+    if fmt == "q4_1":
+        w = w + m.astype(xp.float32)[..., None]
+    return w.reshape(*w.shape[:-2], -1).astype(dtype)
+
+
+def _inverse(d, xp):
+    return xp.where(d != 0, 1.0 / xp.where(d != 0, d, 1.0), 0.0)
+
+
+def _round_away(x, xp):
+    """Round half away from zero (C's roundf, as llama.cpp rounds), not numpy's half-to-even."""
+    return xp.sign(x) * xp.floor(xp.abs(x) + 0.5)
+
+
+def round_activations(x: jax.Array) -> jax.Array:
+    """x [M, K] float32 as the kernels see it: each 32-block rounded to int8 steps of its own
+    scale (max |x| / 127), as llama.cpp rounds activations for its block dots."""
+    blocks = x.reshape(*x.shape[:-1], -1, BLOCK)
+    scale = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / 127.0
+    q = jnp.clip(_round_away(blocks * _inverse(scale, jnp), jnp), -127, 127)
+    return (q * scale).reshape(x.shape)
+
+
+def xla_block_matmul(x: jax.Array, qs, d, m, fmt: str) -> jax.Array:
+    """The kernels' math in XLA, for any platform: x [M, K] float32 against blocks qs
+    [N, K/32, bytes] -> float32 [M, N]; activations rounded as the kernels round them, the
+    weights dequantized, one float32 dot."""
+    w = dequantize_blocks(qs, d, m, fmt, jnp.float32)
+    return jax.lax.dot_general(round_activations(x), w, (((1,), (1,)), ((), ())),
+                               precision=jax.lax.Precision.HIGHEST)  # fmt: skip
+
+
+# ---- the parameter ---------------------------------------------------------------------------
+
+
+class BlockWeight(nnx.Module):
+    """A matmul weight of our layout `shape` [*K, *N] (`contract` gives K; a leading "layers"
+    axis stays first) held as blocks of `fmt`, output axes first (module docstring)."""
+
+    def __init__(self, value, axes, contract, fmt: str, sharder):
+        if fmt not in BLOCK_FORMATS:
+            raise ValueError(f"unknown block format {fmt!r}; supported: {BLOCK_FORMATS}")
+        self.fmt, self.sharder = fmt, sharder  # static: part of the graph, not the state
+        lead = [i for i, a in enumerate(axes) if a == "layers"]
+        n_idx = [i for i in range(len(axes)) if i not in contract and i not in lead]
+        self.n_axes = tuple(axes[i] for i in n_idx)
+        self.k_axes = tuple(axes[i] for i in contract)
+        order = [*lead, *n_idx, *contract]
+        shape = tuple(value.shape[i] for i in order)
+        if shape[-1] % BLOCK:
+            raise ValueError(
+                f"a {fmt} weight needs its last input axis ({self.k_axes[-1]}) to be a multiple "
+                f"of {BLOCK}; got {shape[-1]}"
+            )
+        outer = tuple(axes[i] for i in order)  # the blocked axis keeps its logical name
+        qs, d, m = quantize_blocks(jnp.transpose(value, order), fmt)
+        self.qs = nnx.Param(qs, logical_axes=(*outer, None), block_format=fmt)
+        self.d = nnx.Param(d, logical_axes=outer, block_format=fmt)
+        # nnx.data: `m` is state even while None (a q4_1 reformat fills it in).
+        self.m = nnx.data(nnx.Param(m, logical_axes=outer, block_format=fmt) if m is not None
+                          else None)  # fmt: skip
+
+    def reformat(self, fmt: str) -> None:
+        """An abstract weight (shapes only, before loading) switched to another format."""
+        blocks = self.d.get_value().shape
+        self.fmt = fmt
+        self.qs = self._abstract(self.qs, (*blocks, _PAYLOAD[fmt]), _QS_DTYPE[fmt], fmt)
+        self.d = self._abstract(self.d, blocks, np.float16, fmt)
+        self.m = nnx.data(self._abstract(self.d, blocks, np.float16, fmt) if fmt == "q4_1"
+                          else None)  # fmt: skip
+
+    @staticmethod
+    def _abstract(like: nnx.Param, shape, dtype, fmt: str) -> nnx.Param:
+        value = jax.ShapeDtypeStruct(shape, dtype)
+        return nnx.Param(value, logical_axes=like.logical_axes, block_format=fmt)
+
+    @property
+    def arrays(self):
+        return self.qs[...], self.d[...], None if self.m is None else self.m[...]
+
+    def dequantized(self, dtype) -> jax.Array:
+        """The values in our layout [*N, *K] order (output axes first), `dtype`."""
+        qs, d, m = self.arrays
+        return dequantize_blocks(qs, d, m, self.fmt, dtype)
+
+
+def block_shapes(shape, fmt: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of `qs`, `d` (and `m`) for a transposed weight [*N, *K] of `fmt`."""
+    blocks = (*shape[:-1], shape[-1] // BLOCK)
+    shapes = {"qs": (*blocks, _PAYLOAD[fmt]), "d": blocks}
+    if fmt == "q4_1":
+        shapes["m"] = blocks
+    return shapes
+
+
+def qs_dtype(fmt: str):
+    return _QS_DTYPE[fmt]
+
+
+# ---- the matmul and the lookup ---------------------------------------------------------------
+
+
+def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
+    """x [..., *K] @ w -> float32 [..., *N], per device on its shards."""
+    qs, d, m = w.arrays
+    k_dims = len(w.k_axes)
+    n_shape = qs.shape[: len(w.n_axes)]
+    lead = x.shape[: x.ndim - k_dims]
+    x2 = x.reshape(math.prod(lead), -1).astype(jnp.float32)
+    mesh, rules = w.sharder.mesh, w.sharder.rules
+    qs_spec = _padded(w.sharder.spec((*w.n_axes, *w.k_axes, None), qs.shape), qs.ndim)
+    n_axis, k_axis = qs_spec[0], qs_spec[len(w.n_axes)]
+    if any(qs_spec[1 : len(w.n_axes)]) or any(qs_spec[len(w.n_axes) + 1 : -1]):
+        raise ValueError(f"a block weight can be split on its first output and first input "
+                         f"axes only; rules give {qs_spec}")  # fmt: skip
+    batch = rules.mesh_axis("batch")
+    rows_axis = batch if batch in mesh.shape and x2.shape[0] % mesh.shape[batch] == 0 else None
+    matmul = _kernel_matmul() if _use_kernels(mesh) else xla_block_matmul
+
+    def local(x_loc, qs_loc, *scales):
+        n = math.prod(qs_loc.shape[: len(w.n_axes)])
+        scales = [s.reshape(n, -1) for s in scales] + [None] * (2 - len(scales))
+        y = matmul(x_loc, qs_loc.reshape(n, -1, qs_loc.shape[-1]), *scales, w.fmt)
+        return jax.lax.psum(y, k_axis) if k_axis else y
+
+    arrays = [x2, qs, d] + ([] if m is None else [m])
+    specs = [P(rows_axis, k_axis), P(*qs_spec)] + [P(*qs_spec[:-1])] * (len(arrays) - 2)
+    y = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(rows_axis, n_axis),
+                      check_vma=False)(*arrays)  # fmt: skip
+    return y.reshape(*lead, *n_shape)
+
+
+def block_rows(w: BlockWeight, tokens: jax.Array, dtype) -> jax.Array:
+    """Rows of a (vocab, embed) block table, dequantized: the embedding lookup."""
+    qs, d, m = w.arrays
+    taken = [jnp.take(a, tokens, axis=0) for a in (qs, d)]
+    m_rows = None if m is None else jnp.take(m, tokens, axis=0)
+    return dequantize_blocks(*taken, m_rows, w.fmt, dtype)
+
+
+def _padded(spec: P, ndim: int) -> tuple:
+    return (*spec, *([None] * (ndim - len(spec))))
+
+
+_said: set[str] = set()
+
+
+def _kernel_matmul():
+    from shardinfer import kernels
+
+    return kernels.block_matmul
+
+
+def _kernels_loaded() -> bool:
+    try:
+        from shardinfer import kernels
+    except ImportError:
+        return False
+    return kernels.available()
+
+
+def _use_kernels(mesh) -> bool:
+    """The compiled kernels serve CPU meshes when they loaded; otherwise XLA does the same
+    math (said once per reason)."""
+    platform = mesh.devices.flat[0].platform
+    if platform == "cpu" and _kernels_loaded():
+        return True
+    reason = "not a CPU mesh" if platform != "cpu" else "the CPU kernels are not available"
+    if reason not in _said:
+        _said.add(reason)
+        log.info("GGUF block weights: XLA matmuls (%s)", reason)
+    return False

@@ -8,12 +8,12 @@ A block is 32 consecutive values along the contracted (input) dimension with the
 where byte i of a 4-bit block holds element i in its low nibble and element i + 16 in its high
 one. A `BlockWeight` stores the weight transposed, output axes first, as arrays `qs`
 [*N, *K[:-1], K[-1] / 32, bytes], `d` (and `m`) [*N, *K[:-1], K[-1] / 32], each axis carrying
-the weight's logical axis, so the rules shard the blocks like the float weight: column-parallel
-weights split their output rows, row-parallel ones whole blocks of their input.
+the first output axis split over the mesh axis the rules give the weight (BlockWeight.__init__
+says why row-parallel weights are split along their output too).
 
-The matmul runs per device inside `shard_map`: each device multiplies its own shard (the
-C++ kernels of shardinfer.kernels on x86-64 CPUs, the same math in XLA elsewhere) and a
-row-parallel weight's partial sums are added over its mesh axis.
+The matmul runs per device inside `shard_map`: each device multiplies its own shard of output
+rows against the whole input (the C++ kernels of shardinfer.kernels on x86-64 CPUs, the same
+math in XLA elsewhere).
 """
 
 from __future__ import annotations
@@ -130,7 +130,15 @@ class BlockWeight(nnx.Module):
                 f"a {fmt} weight needs its last input axis ({self.k_axes[-1]}) to be a multiple "
                 f"of {BLOCK}; got {shape[-1]}"
             )
-        outer = tuple(axes[i] for i in order)  # the blocked axis keeps its logical name
+        # Placement: only the first output axis is ever split. A row-parallel weight (its
+        # input axis on a mesh axis) is split along its output instead: each device then
+        # computes whole output elements, bit for bit as one device does, where partial sums
+        # added over the mesh would differ in their last bits, and rounding the next layer's
+        # activations to int8 blows last-bit differences up into different tokens.
+        split = self.n_axes[0]
+        if sharder.rules.mesh_axis(split) is None and sharder.rules.mesh_axis(self.k_axes[0]):
+            split = self.k_axes[0]
+        outer = (*(["layers"] * len(lead)), split, *([None] * (len(order) - len(lead) - 1)))
         qs, d, m = quantize_blocks(jnp.transpose(value, order), fmt)
         self.qs = nnx.Param(qs, logical_axes=(*outer, None), block_format=fmt)
         self.d = nnx.Param(d, logical_axes=outer, block_format=fmt)
@@ -186,11 +194,8 @@ def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
     lead = x.shape[: x.ndim - k_dims]
     x2 = x.reshape(math.prod(lead), -1).astype(jnp.float32)
     mesh, rules = w.sharder.mesh, w.sharder.rules
-    qs_spec = _padded(w.sharder.spec((*w.n_axes, *w.k_axes, None), qs.shape), qs.ndim)
-    n_axis, k_axis = qs_spec[0], qs_spec[len(w.n_axes)]
-    if any(qs_spec[1 : len(w.n_axes)]) or any(qs_spec[len(w.n_axes) + 1 : -1]):
-        raise ValueError(f"a block weight can be split on its first output and first input "
-                         f"axes only; rules give {qs_spec}")  # fmt: skip
+    qs_spec = _padded(w.sharder.spec(w.qs.logical_axes[-qs.ndim :], qs.shape), qs.ndim)
+    n_axis = qs_spec[0]  # the only axis a block weight is split on (BlockWeight.__init__)
     batch = rules.mesh_axis("batch")
     rows_axis = batch if batch in mesh.shape and x2.shape[0] % mesh.shape[batch] == 0 else None
     matmul = _kernel_matmul() if _use_kernels(mesh) else xla_block_matmul
@@ -199,10 +204,10 @@ def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
         n = math.prod(qs_loc.shape[: len(w.n_axes)])
         scales = [s.reshape(n, -1) for s in scales] + [None] * (2 - len(scales))
         y = matmul(x_loc, qs_loc.reshape(n, -1, qs_loc.shape[-1]), *scales, w.fmt)
-        return jax.lax.psum(y, k_axis) if k_axis else y
+        return y
 
     arrays = [x2, qs, d] + ([] if m is None else [m])
-    specs = [P(rows_axis, k_axis), P(*qs_spec)] + [P(*qs_spec[:-1])] * (len(arrays) - 2)
+    specs = [P(rows_axis, None), P(*qs_spec)] + [P(*qs_spec[:-1])] * (len(arrays) - 2)
     y = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(rows_axis, n_axis),
                       check_vma=False)(*arrays)  # fmt: skip
     return y.reshape(*lead, *n_shape)
@@ -232,9 +237,10 @@ def _kernel_matmul():
 def _kernels_loaded() -> bool:
     try:
         from shardinfer import kernels
-    except ImportError:
+
+        return kernels.available()
+    except (ImportError, AttributeError):  # a source tree without the kernels package
         return False
-    return kernels.available()
 
 
 def _use_kernels(mesh) -> bool:

@@ -1,0 +1,325 @@
+"""CPU matmul kernels for GGUF's block formats (q8_0, q4_0, q4_1), called from JAX via jax.ffi.
+
+`block_matmul(x, qs, d, m, fmt)` is ``x @ w.T`` for a weight ``w`` [N, K] kept in GGUF's blocks of
+32 along K, computed as llama.cpp computes it: each 32-block of each row of ``x`` is rounded to
+int8 with its own float32 scale, the block dots are exact int32, and only the float sums over
+blocks may differ in order from `block_matmul_reference`, its XLA (jnp) twin.
+
+Layouts (one plane per field; ``nb = K // 32``):
+
+- ``"q8_0"``: ``qs`` int8 [N, nb, 32], ``d`` float16 [N, nb], ``m`` None; ``w = d * qs``.
+- ``"q4_0"``: ``qs`` uint8 [N, nb, 16], ``d`` float16 [N, nb], ``m`` None; byte i of a block holds
+  element i in its low nibble and element i + 16 in its high nibble; ``w = d * (nibble - 8)``.
+- ``"q4_1"``: ``qs`` as q4_0, ``d`` and ``m`` float16 [N, nb]; ``w = d * nibble + m``.
+
+Rounding of x, the same in the kernel, in `quantize_x_reference` and in the tests: per block
+``dx = max|x| / 127`` (float32 division), ``xq = x / dx`` (float32 division) rounded half away
+from zero (``trunc(q) + sign(q)`` where ``|q - trunc(q)| >= 0.5``), clipped to [-127, 127]; a
+block with ``max|x| == 0`` has ``dx = 0`` and ``xq = 0``. ``dx`` stays float32 (llama.cpp stores
+it as float16 in its q8_0 blocks; keeping float32 is slightly more accurate). Then
+
+    y[m, n] = sum_b d[n, b] * dx[m, b] * sum_i wq[n, b, i] * xq[m, b, i]
+              (+ sum_b m[n, b] * dx[m, b] * sum_i xq[m, b, i]   for q4_1)
+
+with ``wq = qs`` (q8_0) or ``nibble - 8`` (q4_0) or ``nibble`` (q4_1).
+
+The kernel is a compiled library built when the package is installed (setup.py); `available()`
+says whether it loaded here (x86-64 with AVX2, FMA and F16C). `block_matmul` uses it on CPU
+devices when available and `block_matmul_reference` otherwise (other platforms, or no library),
+so it is always safe to call; `available()` tells which path CPU devices get.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import logging
+import platform
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "FORMATS",
+    "available",
+    "block_matmul",
+    "block_matmul_reference",
+    "isa",
+    "quantize_x_reference",
+    "unavailable_reason",
+]
+
+log = logging.getLogger("shardinfer")
+
+BLOCK = 32
+# format -> (FFI target, library symbol, qs dtype, bytes of qs per block, has m)
+_FORMATS = {
+    "q8_0": ("shardinfer_gguf_q8_0_matmul", "ShardinferGgufQ8_0Matmul", np.int8, 32, False),
+    "q4_0": ("shardinfer_gguf_q4_0_matmul", "ShardinferGgufQ4_0Matmul", np.uint8, 16, False),
+    "q4_1": ("shardinfer_gguf_q4_1_matmul", "ShardinferGgufQ4_1Matmul", np.uint8, 16, True),
+}
+FORMATS = tuple(_FORMATS)
+_ISA_NAMES = {1: "avx2", 2: "avxvnni", 3: "avx512vnni"}
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": ctypes.CDLL | None, "why": str | None
+
+
+def _library_path() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_gguf_matmul{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _load() -> ctypes.CDLL | None:
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib, why, level = None, None, logging.INFO
+        machine = platform.machine().lower()
+        if machine not in ("x86_64", "amd64"):
+            why = f"GGUF block kernels are x86-64 only (this is {machine or 'unknown'})"
+        elif (path := _library_path()) is None:
+            why = (
+                "GGUF block kernels not built (no compiled library next to "
+                f"{Path(__file__).name}: a C++ compiler is needed at install time)"
+            )
+            level = logging.WARNING
+        else:
+            try:
+                lib = ctypes.CDLL(str(path))
+                lib.ShardinferGgufIsa.restype = ctypes.c_int
+                lib.ShardinferGgufBestIsa.restype = ctypes.c_int
+                lib.ShardinferGgufSetIsa.argtypes = [ctypes.c_int]
+                lib.ShardinferGgufSetIsa.restype = ctypes.c_int
+                lib.ShardinferGgufSetThreads.argtypes = [ctypes.c_int, ctypes.c_longlong]
+                lib.ShardinferGgufQuantizeX.argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_longlong,
+                    ctypes.c_longlong,
+                    ctypes.c_void_p,
+                    ctypes.c_void_p,
+                ]
+                lib.ShardinferGgufQuantizeX.restype = ctypes.c_int
+                if lib.ShardinferGgufBestIsa() == 0:
+                    why = "GGUF block kernels need AVX2, FMA and F16C, which this CPU lacks"
+                    lib = None
+                else:
+                    for target, symbol, *_ in _FORMATS.values():
+                        capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+                        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+            except (OSError, AttributeError) as e:
+                why = f"GGUF block kernels failed to load from {path}: {e}"
+                lib, level = None, logging.WARNING
+        if why is not None:
+            log.log(level, "%s: using the XLA path", why)
+        _state["lib"], _state["why"] = lib, why
+        return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernels loaded on this machine (x86-64 with AVX2+FMA+F16C).
+
+    The first call loads the library; when it can't, the reason is logged once (logger
+    "shardinfer") and is `unavailable_reason()`.
+    """
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True)."""
+    _load()
+    return _state["why"]
+
+
+def isa() -> str | None:
+    """The instruction set the kernels use: "avx512vnni", "avxvnni", "avx2", or None."""
+    lib = _load()
+    return None if lib is None else _ISA_NAMES.get(lib.ShardinferGgufIsa())
+
+
+def _set_isa(name: str | None) -> None:
+    """Tests and benchmarks: use instruction set `name` (None: the best this CPU has)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    code = (
+        lib.ShardinferGgufBestIsa()
+        if name is None
+        else {v: k for k, v in _ISA_NAMES.items()}.get(name, -1)
+    )
+    if not lib.ShardinferGgufSetIsa(code):
+        raise ValueError(f"instruction set {name!r} is not available on this CPU")
+
+
+def _supported_isas() -> list[str]:
+    lib = _load()
+    if lib is None:
+        return []
+    return [_ISA_NAMES[i] for i in range(1, lib.ShardinferGgufBestIsa() + 1)]
+
+
+def _set_threads(n: int = 0, min_work: int = -1) -> None:
+    """Benchmarks: at most `n` threads per call (0: XLA's intra-op pool + the caller); calls with
+    fewer than `min_work` block dots (N * K/32 * M) stay on the calling thread (-1: unchanged;
+    the default is 16384)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    lib.ShardinferGgufSetThreads(n, min_work)
+
+
+def _quantize_x_native(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tests: x float32 [M, K] rounded by the compiled kernel: (xq int8 [M, K], dx [M, K/32])."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m_rows, k = x.shape
+    xq = np.empty((m_rows, k), np.int8)
+    dx = np.empty((m_rows, k // BLOCK), np.float32)
+    if not lib.ShardinferGgufQuantizeX(x.ctypes.data, m_rows, k, xq.ctypes.data, dx.ctypes.data):
+        raise ValueError(f"K = {k} is not a multiple of {BLOCK}")
+    return xq, dx
+
+
+# ---- the XLA path ------------------------------------------------------------------------------
+
+
+def _check(x, qs, d, m, fmt: str) -> tuple[int, int, int]:
+    """(K, N, nb) after checking shapes and dtypes; raises ValueError or TypeError."""
+    if fmt not in _FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, not {fmt!r}")
+    _, _, qs_dtype, qbytes, has_m = _FORMATS[fmt]
+    if x.ndim < 1:
+        raise ValueError("x must have a last (contracting) axis")
+    k = x.shape[-1]
+    if k % BLOCK:
+        raise ValueError(f"K = {k} is not a multiple of {BLOCK}")
+    nb = k // BLOCK
+    if qs.ndim != 3 or qs.shape[1:] != (nb, qbytes):
+        raise ValueError(f"{fmt}: qs must be [N, {nb}, {qbytes}] for K = {k}, not {qs.shape}")
+    n = qs.shape[0]
+    if qs.dtype != qs_dtype:
+        raise TypeError(f"{fmt}: qs must be {np.dtype(qs_dtype).name}, not {qs.dtype}")
+    if d.shape != (n, nb) or d.dtype != jnp.float16:
+        raise ValueError(f"{fmt}: d must be float16 [{n}, {nb}], not {d.dtype} {d.shape}")
+    if has_m:
+        if m is None or m.shape != (n, nb) or m.dtype != jnp.float16:
+            got = None if m is None else f"{m.dtype} {m.shape}"
+            raise ValueError(f"{fmt}: m must be float16 [{n}, {nb}], not {got}")
+    elif m is not None:
+        raise ValueError(f"{fmt} has no m; pass m=None")
+    return k, n, nb
+
+
+def quantize_x_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x float32 [..., K] rounded to int8 blocks as the kernel rounds it (module docstring).
+
+    Returns (xq [..., K/32, 32] as float32 holding integers in [-127, 127], dx [..., K/32]).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    # XLA rewrites a / broadcast(b) and a / constant as a * (1 / b), which rounds differently
+    # from the division the kernel does; the barriers keep both divisions real divisions.
+    dx = amax / jax.lax.optimization_barrier(jnp.full(amax.shape, 127.0, jnp.float32))
+    safe = jnp.where(dx == 0, jnp.float32(1.0), dx)
+    q = xb / jax.lax.optimization_barrier(jnp.broadcast_to(safe[..., None], xb.shape))
+    t = jnp.trunc(q)
+    r = t + jnp.where(jnp.abs(q - t) >= 0.5, jnp.sign(q), jnp.float32(0.0))
+    return jnp.clip(r, -127.0, 127.0), dx
+
+
+def _dequantize(qs, d, m, fmt: str) -> jax.Array:
+    """The weight as float32 [N, K]."""
+    n, nb = d.shape
+    scale = d.astype(jnp.float32)[..., None]
+    if fmt == "q8_0":
+        w = scale * qs.astype(jnp.float32)
+    else:
+        nibbles = jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(jnp.float32)
+        if fmt == "q4_0":
+            w = scale * (nibbles - 8.0)
+        else:
+            w = scale * nibbles + m.astype(jnp.float32)[..., None]
+    return w.reshape(n, nb * BLOCK)
+
+
+def block_matmul_reference(x, qs, d, m, fmt: str) -> jax.Array:
+    """`block_matmul` in plain jnp (XLA): x rounded as the kernel rounds it, the weight
+    dequantized to float32, one float32 dot (precision HIGHEST). Any platform, jit-able;
+    x may be [..., K] (the result is then [..., N])."""
+    k, _, _ = _check(x, qs, d, m, fmt)
+    xq, dx = quantize_x_reference(x)
+    xd = (xq * dx[..., None]).reshape(*xq.shape[:-2], k)
+    w = _dequantize(qs, d, m, fmt)
+    return jax.lax.dot_general(
+        xd,
+        w,
+        (((xd.ndim - 1,), (1,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _varying(a) -> frozenset:
+    """The shard_map mesh axes that `a` varies over (empty outside shard_map)."""
+    mat = getattr(jax.typeof(a), "mat", None)
+    return frozenset(getattr(mat, "varying", None) or ())
+
+
+def _ffi_matmul(ops: tuple, fmt: str, n: int) -> jax.Array:
+    # Inside shard_map an FFI call needs all its operands varying over the same mesh axes; its
+    # result (from per-device weight shards) varies over them too, which pcast records (a no-op
+    # when run).
+    axes = frozenset().union(*(_varying(a) for a in ops))
+    ops = tuple(
+        a
+        if _varying(a) == axes
+        else jax.lax.pcast(a, tuple(sorted(axes - _varying(a), key=str)), to="varying")
+        for a in ops
+    )
+    call = jax.ffi.ffi_call(
+        _FORMATS[fmt][0],
+        jax.ShapeDtypeStruct((ops[0].shape[0], n), jnp.float32),
+        vmap_method="sequential",
+    )
+    y = call(*ops)
+    if axes and _varying(y) != axes:
+        y = jax.lax.pcast(y, tuple(sorted(axes - _varying(y), key=str)), to="varying")
+    return y
+
+
+def block_matmul(x, qs, d, m, fmt: str) -> jax.Array:
+    """``x @ w.T`` for a GGUF block weight (module docstring): float32 [M, N] for x [M, K].
+
+    x is float32 [M, K] (any M >= 1; other float dtypes are converted; [..., K] works too and
+    gives [..., N]). On CPU devices, with the compiled kernels `available()`, this is one call of
+    the FFI kernel (jit-able, usable inside shard_map on local shards, sequential under vmap);
+    elsewhere it is `block_matmul_reference`.
+    """
+    k, n, _ = _check(x, qs, d, m, fmt)
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)
+    if not available():
+        return block_matmul_reference(x, qs, d, m, fmt)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    operands = (x2, qs, d) if m is None else (x2, qs, d, m)
+
+    def on_cpu(*ops):
+        return _ffi_matmul(ops, fmt, n)
+
+    def elsewhere(*ops):
+        return block_matmul_reference(ops[0], ops[1], ops[2], ops[3] if len(ops) > 3 else None, fmt)
+
+    y = jax.lax.platform_dependent(*operands, cpu=on_cpu, default=elsewhere)
+    return y.reshape(*lead, n)

@@ -1,0 +1,423 @@
+// GGUF block-format matmul kernels (q8_0, q4_0, q4_1) for XLA:CPU, called from JAX through
+// jax.ffi (shardinfer/kernels/__init__.py).
+//
+//   y[M, N] = x[M, K] @ w[N, K].T with w in GGUF blocks of 32 along K, computed as llama.cpp
+//   does: x is rounded to int8 blocks (one float32 scale per block of 32), each block pair's dot
+//   is exact int32, and the float work is per block: d_w * d_x * idot (+ m_w * d_x * sum(x_q)).
+//
+// Layouts (row-major, what the JAX side stores; one plane per field rather than GGUF's
+// interleaved 18/20/34-byte blocks):
+//   q8_0: qs int8 [N, K/32, 32],  d f16 [N, K/32]                 w = d * qs
+//   q4_0: qs uint8 [N, K/32, 16], d f16 [N, K/32]                 w = d * (nibble - 8)
+//   q4_1: qs uint8 [N, K/32, 16], d, m f16 [N, K/32]              w = d * nibble + m
+//   (q4: byte i of a block holds element i in its low nibble, element i + 16 in its high one.)
+//
+// Instruction sets are chosen at run time (`Dispatch`): AVX-512 VNNI on 256-bit vectors
+// (avx512vnni + avx512vl), AVX-VNNI, or AVX2 + FMA + F16C. The per-set code is
+// gguf_matmul_isa.h, compiled three times with different targets; this file needs no -march.
+//
+// Threads: the N rows are split into chunks, claimed from an atomic counter by the calling
+// thread and by helpers scheduled on XLA's intra-op thread pool (ffi::ThreadPool); the caller
+// waits only for chunks a helper has claimed, so a pool with no idle thread cannot deadlock it
+// (it then does all the work itself), and small problems never touch the pool.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+// AVX-VNNI (VEX-encoded dpbusd) needs GCC 11 / clang 12; older compilers build the other two.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define SI_HAVE_AVXVNNI 1
+#else
+#define SI_HAVE_AVXVNNI 0
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace shardinfer_gguf {
+
+enum class Fmt : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
+
+// How rounded x is laid out (gguf_matmul_isa.h): kNatural for the tests, a pair layout per
+// weight family for the kernels.
+enum class XLayout : int { kNatural = 0, kQ4Pairs = 1, kQ8Pairs = 2 };
+
+// Everything one call's tiles read: the weights as given, x rounded to blocks, the output.
+struct Problem {
+  Fmt fmt;
+  int64_t m_total, n_total, nb;  // x rows, output columns (weight rows), blocks per row
+  int64_t nb_pad;                // nb rounded up to 8: row stride of dx, xsum, sx
+  const uint8_t* qs;
+  int64_t qs_row_bytes;  // 32 * nb (q8_0) or 16 * nb (q4)
+  const uint16_t* d;     // fp16 bits
+  const uint16_t* m;     // fp16 bits (q4_1) or null
+  const int8_t* xq;      // [M, xq_row_bytes]: 32 * nb rounded up to 64, in a pair layout
+  int64_t xq_row_bytes;
+  const float* dx;       // [M, nb_pad], in groups of 8 in lane order [0 2 4 6 1 3 5 7],
+  const int32_t* xsum;   //   zero-padded
+  const float* sx;       // dx * xsum
+  float* y;              // [M, N]
+};
+
+}  // namespace shardinfer_gguf
+
+// ---- the three instruction-set variants -------------------------------------------------------
+
+namespace shardinfer_gguf {
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define SI_ISA_NS isa_avx2
+#define SI_ISA_VNNI 0
+#define SI_ISA_EVEX 0
+#define SI_ISA_ROWS 4
+#define SI_ISA_COLS 2
+#include "gguf_matmul_isa.h"
+#undef SI_ISA_NS
+#undef SI_ISA_VNNI
+#undef SI_ISA_EVEX
+#undef SI_ISA_ROWS
+#undef SI_ISA_COLS
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if SI_HAVE_AVXVNNI
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+#endif
+#define SI_ISA_NS isa_avxvnni
+#define SI_ISA_VNNI 1
+#define SI_ISA_EVEX 0
+#define SI_ISA_ROWS 4
+#define SI_ISA_COLS 2
+#include "gguf_matmul_isa.h"
+#undef SI_ISA_NS
+#undef SI_ISA_VNNI
+#undef SI_ISA_EVEX
+#undef SI_ISA_ROWS
+#undef SI_ISA_COLS
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // SI_HAVE_AVXVNNI
+
+#if defined(__clang__)
+#pragma clang attribute push( \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))), \
+    apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
+#endif
+#define SI_ISA_NS isa_avx512vnni
+#define SI_ISA_VNNI 1
+#define SI_ISA_EVEX 1
+#define SI_ISA_ROWS 4
+#define SI_ISA_COLS 2
+#include "gguf_matmul_isa.h"
+#undef SI_ISA_NS
+#undef SI_ISA_VNNI
+#undef SI_ISA_EVEX
+#undef SI_ISA_ROWS
+#undef SI_ISA_COLS
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// ---- dispatch ---------------------------------------------------------------------------------
+
+enum Isa : int { kNone = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+
+static int DetectIsa() {
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")))
+    return kNone;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+    return kAvx512Vnni;
+#if SI_HAVE_AVXVNNI
+  if (__builtin_cpu_supports("avxvnni")) return kAvxVnni;
+#endif
+  return kAvx2;
+}
+
+static const int g_best_isa = DetectIsa();
+static std::atomic<int> g_isa{g_best_isa};
+static std::atomic<int> g_max_threads{0};  // 0: the pool's size (+ the calling thread)
+// Below this many block dots (N * K/32 * M) a call stays on the calling thread.
+static std::atomic<int64_t> g_parallel_min{1 << 14};
+
+struct Kernels {
+  void (*quantize)(const float*, int64_t, int64_t, XLayout, const Problem&);
+  void (*run)(const Problem&, int64_t, int64_t);
+};
+
+static Kernels KernelsFor(int isa) {
+  switch (isa) {
+    case kAvx512Vnni:
+      return {isa_avx512vnni::quantize_rows, isa_avx512vnni::run};
+#if SI_HAVE_AVXVNNI
+    case kAvxVnni:
+      return {isa_avxvnni::quantize_rows, isa_avxvnni::run};
+#endif
+    default:
+      return {isa_avx2::quantize_rows, isa_avx2::run};
+  }
+}
+
+// ---- scratch and threads ----------------------------------------------------------------------
+
+// x rounded to blocks: a per-thread buffer that only grows (the calling thread owns it for the
+// call; helpers read it while the caller waits for them).
+struct Scratch {
+  std::vector<unsigned char> bytes;
+  void* Get(size_t n) {
+    if (bytes.size() < n + 64) bytes.resize(n + 64);
+    auto addr = reinterpret_cast<uintptr_t>(bytes.data());
+    return reinterpret_cast<void*>((addr + 63) & ~uintptr_t{63});
+  }
+};
+
+static size_t Align64(size_t n) { return (n + 63) & ~size_t{63}; }
+
+// Work shared by the caller and helpers; helpers that start after the call has ended find no
+// chunk left and touch nothing but this (kept alive by their shared_ptr).
+struct Shared {
+  Problem p;
+  Kernels k;
+  int64_t chunk_rows = 0, n_chunks = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Work() {
+    int64_t mine = 0;
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= n_chunks) break;
+      const int64_t b = c * chunk_rows;
+      const int64_t e = std::min(p.n_total, b + chunk_rows);
+      k.run(p, b, e);
+      ++mine;
+    }
+    if (mine) done.fetch_add(mine, std::memory_order_release);
+  }
+};
+
+static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
+  const int64_t work = p.n_total * p.nb * p.m_total;
+  int64_t threads = 1;
+  if (pool != nullptr && work >= g_parallel_min.load(std::memory_order_relaxed)) {
+    threads = pool->num_threads() + 1;
+    const int cap = g_max_threads.load(std::memory_order_relaxed);
+    if (cap > 0) threads = std::min<int64_t>(threads, cap);
+  }
+  constexpr int64_t kRowAlign = 8;  // a multiple of every variant's tile rows
+  if (threads <= 1 || p.n_total < 2 * kRowAlign) {
+    k.run(p, 0, p.n_total);
+    return;
+  }
+  // About 4 chunks per thread (helpers may start late or share their cores), none tiny.
+  const int64_t min_rows = std::max<int64_t>(kRowAlign, (g_parallel_min.load() / 4) /
+                                                            std::max<int64_t>(1, p.nb * p.m_total));
+  int64_t rows = (p.n_total + 4 * threads - 1) / (4 * threads);
+  rows = std::max(rows, min_rows);
+  rows = (rows + kRowAlign - 1) / kRowAlign * kRowAlign;
+  auto sh = std::make_shared<Shared>();
+  sh->p = p;
+  sh->k = k;
+  sh->chunk_rows = rows;
+  sh->n_chunks = (p.n_total + rows - 1) / rows;
+  const int64_t helpers = std::min<int64_t>(threads - 1, sh->n_chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool->Schedule([sh] { sh->Work(); });
+  sh->Work();
+  // Whatever is not done yet has been claimed by a running helper.
+  int spins = 0;
+  while (sh->done.load(std::memory_order_acquire) < sh->n_chunks) {
+    if (++spins < 4096) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+static ffi::Error Run(Fmt fmt, ffi::ThreadPool* pool, ffi::AnyBuffer x, ffi::AnyBuffer qs,
+                      ffi::AnyBuffer d, const ffi::AnyBuffer* m, ffi::Result<ffi::AnyBuffer> y) {
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa == kNone)
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      "shardinfer GGUF kernels: this CPU lacks AVX2+FMA+F16C");
+  using DT = ffi::DataType;
+  const DT want_q = fmt == Fmt::kQ8_0 ? DT::S8 : DT::U8;
+  if (x.element_type() != DT::F32 || qs.element_type() != want_q ||
+      d.element_type() != DT::F16 || (m != nullptr && m->element_type() != DT::F16) ||
+      y->element_type() != DT::F32)
+    return ffi::Error::InvalidArgument(
+        "shardinfer GGUF kernels: want x f32, qs s8 (q8_0) or u8 (q4), d and m f16, y f32");
+  const auto xd = x.dimensions();
+  const auto qd = qs.dimensions();
+  const auto dd = d.dimensions();
+  const auto yd = y->dimensions();
+  const int64_t qbytes = fmt == Fmt::kQ8_0 ? 32 : 16;
+  if (xd.size() != 2 || qd.size() != 3 || dd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("shardinfer GGUF kernels: x, qs, d, y must be 2-, 3-, 2-, 2-D");
+  const int64_t M = xd[0], K = xd[1], N = qd[0], nb = qd[1];
+  if (K != 32 * nb || qd[2] != qbytes || dd[0] != N || dd[1] != nb || yd[0] != M || yd[1] != N)
+    return ffi::Error::InvalidArgument("shardinfer GGUF kernels: shapes do not agree");
+  if (m != nullptr) {
+    const auto md = m->dimensions();
+    if (md.size() != 2 || md[0] != N || md[1] != nb)
+      return ffi::Error::InvalidArgument("shardinfer GGUF kernels: m must have d's shape");
+  }
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (nb == 0) {
+    std::memset(y->untyped_data(), 0, sizeof(float) * M * N);
+    return ffi::Error::Success();
+  }
+  const int64_t nb_pad = (nb + 7) / 8 * 8;
+  const int64_t xq_row = 32 * ((nb + 1) / 2 * 2);
+  const size_t xq_bytes = Align64(static_cast<size_t>(M * xq_row));
+  const size_t plane = Align64(static_cast<size_t>(M * nb_pad * 4));
+  static thread_local Scratch scratch;
+  auto* base = static_cast<unsigned char*>(scratch.Get(xq_bytes + 3 * plane));
+  Problem p;
+  p.fmt = fmt;
+  p.m_total = M;
+  p.n_total = N;
+  p.nb = nb;
+  p.nb_pad = nb_pad;
+  p.qs = static_cast<const uint8_t*>(qs.untyped_data());
+  p.qs_row_bytes = qbytes * nb;
+  p.d = static_cast<const uint16_t*>(d.untyped_data());
+  p.m = m != nullptr ? static_cast<const uint16_t*>(m->untyped_data()) : nullptr;
+  p.xq = reinterpret_cast<const int8_t*>(base);
+  p.xq_row_bytes = xq_row;
+  auto* dx = reinterpret_cast<float*>(base + xq_bytes);
+  auto* xsum = reinterpret_cast<int32_t*>(base + xq_bytes + plane);
+  auto* sx = reinterpret_cast<float*>(base + xq_bytes + 2 * plane);
+  if (nb_pad != nb) {  // the padding lanes must read as zero
+    std::memset(dx, 0, plane);
+    std::memset(xsum, 0, plane);
+    std::memset(sx, 0, plane);
+  }
+  p.dx = dx;
+  p.xsum = xsum;
+  p.sx = sx;
+  p.y = static_cast<float*>(y->untyped_data());
+  const Kernels k = KernelsFor(isa);
+  k.quantize(static_cast<const float*>(x.untyped_data()), 0, M,
+             fmt == Fmt::kQ8_0 ? XLayout::kQ8Pairs : XLayout::kQ4Pairs, p);
+  Compute(p, k, pool);
+  return ffi::Error::Success();
+}
+
+static ffi::Error Q8_0(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qs, ffi::AnyBuffer d,
+                       ffi::Result<ffi::AnyBuffer> y) {
+  return Run(Fmt::kQ8_0, &pool, x, qs, d, nullptr, y);
+}
+static ffi::Error Q4_0(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qs, ffi::AnyBuffer d,
+                       ffi::Result<ffi::AnyBuffer> y) {
+  return Run(Fmt::kQ4_0, &pool, x, qs, d, nullptr, y);
+}
+static ffi::Error Q4_1(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qs, ffi::AnyBuffer d,
+                       ffi::AnyBuffer m, ffi::Result<ffi::AnyBuffer> y) {
+  return Run(Fmt::kQ4_1, &pool, x, qs, d, &m, y);
+}
+
+}  // namespace shardinfer_gguf
+
+// ---- exported symbols -------------------------------------------------------------------------
+
+namespace sg = shardinfer_gguf;
+
+// The handlers are the library's interface: visible even when built with -fvisibility=hidden.
+#pragma GCC visibility push(default)
+#define SI_BIND_ARGS(b) b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferGgufQ8_0Matmul, sg::Q8_0,
+                              SI_BIND_ARGS(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferGgufQ4_0Matmul, sg::Q4_0,
+                              SI_BIND_ARGS(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferGgufQ4_1Matmul, sg::Q4_1,
+                              SI_BIND_ARGS(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+#pragma GCC visibility pop
+
+// Plain C helpers for the Python side (ctypes) and the tests.
+extern "C" {
+
+// The instruction set in use: 0 none (the CPU lacks AVX2+FMA+F16C), 1 AVX2, 2 AVX-VNNI,
+// 3 AVX-512 VNNI.
+__attribute__((visibility("default"))) int ShardinferGgufIsa() { return sg::g_isa.load(); }
+__attribute__((visibility("default"))) int ShardinferGgufBestIsa() { return sg::g_best_isa; }
+
+// Uses instruction set `isa` from now on (for tests and benchmarks); refused (returns 0) when
+// this CPU lacks it.
+__attribute__((visibility("default"))) int ShardinferGgufSetIsa(int isa) {
+  if (isa < sg::kAvx2 || isa > sg::g_best_isa) return 0;
+  sg::g_isa.store(isa);
+  return 1;
+}
+
+// At most `n` threads per call, the caller included (0: the intra-op pool's size + 1); calls
+// with fewer than `min_work` block dots stay on the calling thread (min_work < 0: unchanged).
+__attribute__((visibility("default"))) void ShardinferGgufSetThreads(int n, long long min_work) {
+  sg::g_max_threads.store(n < 0 ? 0 : n);
+  if (min_work >= 0) sg::g_parallel_min.store(min_work);
+}
+
+// x float32 [M, K] rounded as the kernels round it: xq int8 [M, K], dx float32 [M, K/32].
+// Returns 0 when K is not a multiple of 32 or the CPU is not supported.
+__attribute__((visibility("default"))) int ShardinferGgufQuantizeX(const float* x, long long M,
+                                                                   long long K, int8_t* xq,
+                                                                   float* dx) {
+  const int isa = sg::g_isa.load();
+  if (isa == sg::kNone || K % 32 != 0 || M < 0) return 0;
+  const int64_t nb = K / 32, nb_pad = (nb + 7) / 8 * 8;
+  std::vector<float> dxp(static_cast<size_t>(M * nb_pad)), sxp(dxp.size());
+  std::vector<int32_t> sums(dxp.size());
+  sg::Problem p{};
+  p.m_total = M;
+  p.nb = nb;
+  p.nb_pad = nb_pad;
+  p.xq = xq;
+  p.xq_row_bytes = K;
+  p.dx = dxp.data();
+  p.xsum = sums.data();
+  p.sx = sxp.data();
+  sg::KernelsFor(isa).quantize(x, 0, M, sg::XLayout::kNatural, p);
+  for (int64_t i = 0; i < M; ++i)
+    std::memcpy(dx + i * nb, dxp.data() + i * nb_pad, sizeof(float) * nb);
+  return 1;
+}
+
+}  // extern "C"

@@ -1,0 +1,415 @@
+"""shardinfer.kernels: the GGUF block matmul kernels (q8_0, q4_0, q4_1) against numpy.
+
+The numpy reference rounds x exactly as the kernel documents (half away from zero, float32
+divisions), computes each block's integer dot exactly (int64) and sums the scaled blocks in
+float64. The kernel's integer work is exact, so its result may differ only by float32 rounding
+of the per-block terms and their sum: |y - ref| <= 1e-5 * sum_b |term_b|. Where every scale is 1
+the float work is exact too and the results must be equal.
+
+Nothing here is skipped: on an x86-64 CPU with AVX2, FMA and F16C the compiled kernel must have
+loaded (CI builds it at install time); elsewhere the test of that says so and the kernel tests
+check the XLA fallback that block_matmul then uses.
+"""
+
+import platform
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+import shardinfer.kernels as kernels
+
+FORMATS = ["q8_0", "q4_0", "q4_1"]
+RNG = np.random.default_rng(20261203)
+
+
+def _cpu_has_kernel_isa() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:  # not Linux: trust the library's own check
+        return kernels.available()
+    return {"avx2", "fma", "f16c"} <= flags
+
+
+EXPECT_KERNEL = _cpu_has_kernel_isa()
+
+
+@pytest.fixture
+def each_isa():
+    """The instruction sets to run each check under (all this CPU has), restored afterwards."""
+    isas = kernels._supported_isas() if EXPECT_KERNEL else [None]
+    yield isas
+    if EXPECT_KERNEL:
+        kernels._set_isa(None)
+        kernels._set_threads(0, 1 << 14)
+
+
+def _use(isa):
+    if isa is not None:
+        kernels._set_isa(isa)
+
+
+# ---- numpy reference ---------------------------------------------------------------------------
+
+
+def np_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 [M, K] -> (xq int64 [M, nb, 32], dx float32 [M, nb]), the documented rounding."""
+    m_rows, k = x.shape
+    xb = x.astype(np.float32).reshape(m_rows, k // 32, 32)
+    amax = np.abs(xb).max(axis=-1)
+    dx = (amax / np.float32(127.0)).astype(np.float32)
+    safe = np.where(dx == 0, np.float32(1.0), dx)
+    q = (xb / safe[..., None]).astype(np.float32)
+    t = np.trunc(q)
+    r = t + np.where(np.abs(q - t) >= 0.5, np.sign(q), np.float32(0.0))
+    return np.clip(r, -127, 127).astype(np.int64), dx
+
+
+def np_weight_ints(qs: np.ndarray, fmt: str) -> np.ndarray:
+    """[N, nb, 32] int64: qs (q8_0), nibble - 8 (q4_0), nibble (q4_1)."""
+    if fmt == "q8_0":
+        return qs.astype(np.int64)
+    nib = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
+    return nib - 8 if fmt == "q4_0" else nib
+
+
+def np_block_matmul(x, qs, d, m, fmt):
+    """(y float64 [M, N], sum of |per-block terms| [M, N], exact integer block dots [M, N, nb])."""
+    xq, dx = np_quantize(x)
+    wq = np_weight_ints(qs, fmt)
+    idot = np.einsum("mbi,nbi->mnb", xq, wq)
+    scale = d.astype(np.float64)[None] * dx.astype(np.float64)[:, None]
+    terms = [scale * idot]
+    if fmt == "q4_1":
+        xsum = xq.sum(-1)
+        terms.append(m.astype(np.float64)[None] * (dx.astype(np.float64) * xsum)[:, None])
+    y = sum(t.sum(-1) for t in terms)
+    mag = sum(np.abs(t).sum(-1) for t in terms)
+    return y, mag, idot
+
+
+def random_problem(fmt, m_rows, n, k, *, x_scale=1.0, d_scale=0.05, zero_blocks=True):
+    nb = k // 32
+    x = (RNG.standard_normal((m_rows, k)) * x_scale).astype(np.float32)
+    if fmt == "q8_0":
+        qs = RNG.integers(-128, 128, (n, nb, 32), dtype=np.int8)
+    else:
+        qs = RNG.integers(0, 256, (n, nb, 16), dtype=np.uint8)
+    d = (RNG.random((n, nb)) * d_scale).astype(np.float16)
+    m = (RNG.standard_normal((n, nb)) * d_scale).astype(np.float16) if fmt == "q4_1" else None
+    if zero_blocks:  # an all-zero x block (dx = 0) and a zero-scale weight block
+        x[0, :32] = 0.0
+        d[0, -1] = 0.0
+        if m_rows > 1:
+            x[-1, -32:] = 0.0
+    return x, qs, d, m
+
+
+def check(y, ref, mag, what=""):
+    y = np.asarray(y, np.float64)
+    assert y.shape == ref.shape, what
+    err = np.abs(y - ref)
+    bound = 1e-5 * mag + 1e-30
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert np.all(err <= bound), (
+        f"{what}: worst at {worst}: {y[worst]} vs {ref[worst]} (|terms| {mag[worst]})"
+    )
+
+
+# ---- availability ------------------------------------------------------------------------------
+
+
+def test_available_where_expected():
+    """x86-64 with AVX2+FMA+F16C (CI): the compiled kernels must load. Elsewhere: a reason."""
+    if EXPECT_KERNEL:
+        assert kernels.available(), kernels.unavailable_reason()
+        assert kernels.unavailable_reason() is None
+        assert kernels.isa() in ("avx2", "avxvnni", "avx512vnni")
+        assert "avx2" in kernels._supported_isas()
+    else:
+        assert not kernels.available()
+        assert kernels.unavailable_reason()
+        assert kernels.isa() is None
+
+
+# ---- x rounding --------------------------------------------------------------------------------
+
+
+def _rounding_cases(k=96):
+    x = RNG.standard_normal((6, k)).astype(np.float32) * 3
+    x[1] *= 1e4  # large values
+    x[2, :32] = 0.0  # a zero block
+    # exact halves: dx = 2 (max 254), so x = 2q with q = k + 0.5 -> x odd integers
+    x[3, :32] = np.arange(-31, 33, 2, dtype=np.float32)
+    x[3, 0] = 254.0
+    x[3, 32:64] = -np.arange(-31, 33, 2, dtype=np.float32)
+    x[3, 32] = -254.0
+    # dx = 1 and halves: +-(k + 0.5)
+    x[4, :32] = np.linspace(-20.5, 20.5, 32).astype(np.float32)
+    x[4, 0] = 127.0
+    x[5, :32] = 1e-3  # a constant block: every element rounds to 127
+    return x
+
+
+def test_native_rounding_matches_numpy(each_isa):
+    if not EXPECT_KERNEL:
+        assert not kernels.available()
+        return
+    x = np.concatenate([_rounding_cases(), RNG.standard_normal((40, 96)).astype(np.float32)])
+    xq_ref, dx_ref = np_quantize(x)
+    for isa in each_isa:
+        _use(isa)
+        xq, dx = kernels._quantize_x_native(x)
+        np.testing.assert_array_equal(xq.reshape(xq_ref.shape), xq_ref, err_msg=isa)
+        np.testing.assert_array_equal(dx, dx_ref, err_msg=isa)
+    # Row 3's first block: x / dx = odd / 2, all exact halves, rounded away from zero (numpy's
+    # np.round, half to even, would differ).
+    halves = x[3, 1:32] / 2.0
+    away = np.sign(halves) * np.floor(np.abs(halves) + 0.5)
+    np.testing.assert_array_equal(xq_ref[3, 0, 1:], away)
+    assert not np.array_equal(np.round(halves), away)
+
+
+def test_reference_rounding_matches_numpy():
+    x = np.concatenate([_rounding_cases(), RNG.standard_normal((40, 96)).astype(np.float32)])
+    xq_ref, dx_ref = np_quantize(x)
+    xq, dx = jax.jit(kernels.quantize_x_reference)(x)
+    np.testing.assert_array_equal(np.asarray(xq).astype(np.int64), xq_ref)
+    np.testing.assert_array_equal(np.asarray(dx), dx_ref)
+
+
+# ---- the kernel against numpy ------------------------------------------------------------------
+
+# Every N, K and M of interest appears; M includes batches that are not a multiple of the tile
+# (2 x rows) and N ones that are not a multiple of 4 or 8 (the row tile and thread chunks).
+SHAPES = [
+    (1, 1, 32),
+    (1, 3, 64),
+    (1, 17, 96),  # K/32 odd: the last block pair is a single block
+    (1, 192, 576),
+    (1, 577, 576),
+    (2, 17, 288),  # 9 blocks: one full group of 8 and a single
+    (3, 192, 64),
+    (5, 3, 576),
+    (8, 577, 32),
+    (13, 17, 576),
+    (32, 192, 288),
+    (32, 577, 576),  # large enough to be split across threads
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_matches_numpy(fmt, each_isa):
+    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
+    for m_rows, n, k in SHAPES:
+        x, qs, d, m = random_problem(fmt, m_rows, n, k)
+        ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
+        for isa in each_isa:
+            _use(isa)
+            check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} M={m_rows} N={n} K={k}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_large_values_and_threads(fmt, each_isa):
+    """Large x and weight scales; and small problems forced onto the thread pool."""
+    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
+    x, qs, d, m = random_problem(fmt, 3, 577, 576, x_scale=3e4, d_scale=3e3)
+    ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
+    for isa in each_isa:
+        _use(isa)
+        check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} large")
+        if isa is not None:
+            kernels._set_threads(0, 0)  # every call parallel, in chunks of 8 rows
+            check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} threaded")
+            kernels._set_threads(1, 1 << 14)
+            check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} one thread")
+            kernels._set_threads(0, 1 << 14)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_integer_exact(fmt, each_isa):
+    """With every scale 1 (d = 1, dx = 1: each x block's max |x| is 127) and integer m, the whole
+    computation is integer and below 2**24: the kernel must equal the exact sum, including x
+    values at exact halves (rounded away from zero)."""
+    m_rows, n, k = 5, 37, 576
+    nb = k // 32
+    x, qs, _, _ = random_problem(fmt, m_rows, n, k, zero_blocks=False)
+    x = np.round(x * 30).astype(np.float32) + RNG.choice([0.0, 0.5, -0.5], x.shape)
+    x = np.clip(x, -126.5, 126.5).astype(np.float32)
+    xb = x.reshape(m_rows, nb, 32)
+    xb[:, :, 7] = np.where(RNG.random((m_rows, nb)) < 0.5, 127.0, -127.0)
+    x = xb.reshape(m_rows, k)
+    d = np.ones((n, nb), np.float16)
+    m = RNG.integers(-8, 9, (n, nb)).astype(np.float16) if fmt == "q4_1" else None
+    xq, dx = np_quantize(x)
+    assert np.all(dx == 1.0)
+    wq = np_weight_ints(qs, fmt)
+    exact = np.einsum("mbi,nbi->mn", xq, wq)
+    if fmt == "q4_1":
+        exact = exact + np.einsum("mb,nb->mn", xq.sum(-1), m.astype(np.int64))
+    assert np.abs(exact).max() < 2**24
+    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
+    for isa in each_isa:
+        _use(isa)
+        y = np.asarray(call(x, qs, d, m))
+        np.testing.assert_array_equal(y, exact.astype(np.float32), err_msg=f"{fmt} {isa}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_extreme_weights(fmt, each_isa):
+    """q8_0's -128 and 127 everywhere against x at +-127 (the largest int16 pair sums of the
+    AVX2 path); q4's nibbles 0 and 15."""
+    n, k = 9, 288
+    nb = k // 32
+    x = np.where(RNG.random((3, k)) < 0.5, 127.0, -127.0).astype(np.float32)
+    if fmt == "q8_0":
+        qs = np.where(RNG.random((n, nb, 32)) < 0.5, -128, 127).astype(np.int8)
+        qs[0] = -128
+    else:
+        qs = np.where(RNG.random((n, nb, 16)) < 0.5, 0x00, 0xFF).astype(np.uint8)
+        qs[0] = 0xFF
+    d = np.ones((n, nb), np.float16)
+    m = np.full((n, nb), -3.0, np.float16) if fmt == "q4_1" else None
+    ref, _, _ = np_block_matmul(x, qs, d, m, fmt)
+    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
+    for isa in each_isa:
+        _use(isa)
+        np.testing.assert_array_equal(np.asarray(call(x, qs, d, m)), ref.astype(np.float32))
+
+
+# ---- the XLA reference -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reference_matches_numpy(fmt):
+    call = jax.jit(partial(kernels.block_matmul_reference, fmt=fmt))
+    for m_rows, n, k in [(1, 17, 96), (5, 192, 576), (13, 3, 32), (2, 577, 288)]:
+        x, qs, d, m = random_problem(fmt, m_rows, n, k)
+        ref, _, _ = np_block_matmul(x, qs, d, m, fmt)
+        # The reference is one float32 dot of dequantized values: bound its error by the sum of
+        # the elementwise |products|.
+        xq, dx = np_quantize(x)
+        xd = (xq * dx[..., None].astype(np.float64)).reshape(m_rows, k)
+        w = np_weight_ints(qs, fmt) * d.astype(np.float64)[..., None]
+        if fmt == "q4_1":
+            w = w + m.astype(np.float64)[..., None]
+        mag = np.abs(xd) @ np.abs(w.reshape(n, k)).T
+        check(call(x, qs, d, m), ref, mag, f"reference {fmt} M={m_rows} N={n} K={k}")
+
+
+def test_reference_and_kernel_accept_leading_axes():
+    x, qs, d, m = random_problem("q4_1", 6, 17, 64)
+    ref, mag, _ = np_block_matmul(x, qs, d, m, "q4_1")
+    for fn in (kernels.block_matmul, kernels.block_matmul_reference):
+        y = fn(x.reshape(2, 3, 64), qs, d, m, "q4_1")
+        assert y.shape == (2, 3, 17)
+        check(np.asarray(y).reshape(6, 17), ref, mag * 2, fn.__name__)
+
+
+# ---- under jit, vmap and shard_map -------------------------------------------------------------
+
+
+def test_kernel_in_jitted_graph_and_lowered_as_ffi_call():
+    x, qs, d, m = random_problem("q8_0", 3, 64, 576)
+    ref, mag, _ = np_block_matmul(x, qs, d, m, "q8_0")
+
+    @jax.jit
+    def f(x, qs, d):
+        return jnp.tanh(kernels.block_matmul(x * 2.0, qs, d, None, "q8_0")) + 1.0
+
+    ref2, mag2, _ = np_block_matmul(x * 2, qs, d, m, "q8_0")
+    y = np.asarray(f(x, qs, d))
+    np.testing.assert_allclose(y, np.tanh(ref2) + 1.0, rtol=0, atol=1e-5 * (mag2.max() + 1))
+    hlo = f.lower(x, qs, d).as_text()
+    if EXPECT_KERNEL:
+        assert "shardinfer_gguf_q8_0_matmul" in hlo
+    check(kernels.block_matmul(x, qs, d, None, "q8_0"), ref, mag)
+
+
+def test_kernel_under_vmap():
+    x, qs, d, m = random_problem("q4_0", 12, 33, 96)
+    xs = x.reshape(4, 3, 96)
+    ys = jax.vmap(lambda xi: kernels.block_matmul(xi, qs, d, None, "q4_0"))(xs)
+    ref, mag, _ = np_block_matmul(x, qs, d, m, "q4_0")
+    check(np.asarray(ys).reshape(12, 33), ref, mag, "vmap")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_in_shard_map_splitting_n(fmt):
+    """Each of 8 devices multiplies by its own N/8 rows: the same numbers as one call."""
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((8,), ("model",))
+    m_rows, n, k = 3, 8 * 24, 576
+    x, qs, d, m = random_problem(fmt, m_rows, n, k)
+    rows = PartitionSpec("model")
+    weights = (qs, d) if m is None else (qs, d, m)
+    weights = tuple(jax.device_put(w, NamedSharding(mesh, rows)) for w in weights)
+
+    def local(x, *w):
+        return kernels.block_matmul(x, w[0], w[1], w[2] if len(w) > 2 else None, fmt)
+
+    sharded = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), *([rows] * len(weights))),
+            out_specs=PartitionSpec(None, "model"),
+        )
+    )
+    y = sharded(x, *weights)
+    assert y.shape == (m_rows, n)
+    whole = kernels.block_matmul(x, qs, d, m, fmt)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(whole))
+    ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
+    check(y, ref, mag, f"shard_map {fmt}")
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+
+
+def test_bad_arguments_are_refused():
+    x, qs, d, m = random_problem("q4_1", 2, 5, 64)
+    with pytest.raises(ValueError, match="fmt"):
+        kernels.block_matmul(x, qs, d, m, "q5_0")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels.block_matmul(x[:, :48], qs, d, m, "q4_1")
+    with pytest.raises(ValueError, match="m must be"):
+        kernels.block_matmul(x, qs, d, None, "q4_1")
+    with pytest.raises(ValueError, match="no m"):
+        kernels.block_matmul(x, qs, d, m, "q4_0")
+    with pytest.raises(TypeError, match="qs must be int8"):
+        kernels.block_matmul(x, np.zeros((5, 2, 32), np.uint8), d, None, "q8_0")
+    with pytest.raises(ValueError, match="qs must be"):
+        kernels.block_matmul(x, qs.reshape(5, 1, 32), d, m, "q4_1")
+    with pytest.raises(ValueError, match="d must be"):
+        kernels.block_matmul(x, qs, d.astype(np.float32), m, "q4_1")
+
+
+def test_kernel_in_shard_map_on_a_data_model_mesh():
+    """x split over "data", the weight over "model": each device its own block of y."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    fmt, m_rows, n, k = "q4_1", 6, 4 * 20, 288
+    x, qs, d, m = random_problem(fmt, m_rows, n, k)
+    rows = NamedSharding(mesh, PartitionSpec("model"))
+    w = [jax.device_put(a, rows) for a in (qs, d, m)]
+    xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    sharded = jax.jit(
+        jax.shard_map(
+            lambda x, qs, d, m: kernels.block_matmul(x, qs, d, m, fmt),
+            mesh=mesh,
+            in_specs=(PartitionSpec("data"), *([PartitionSpec("model")] * 3)),
+            out_specs=PartitionSpec("data", "model"),
+        )
+    )
+    y = sharded(xs, *w)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(kernels.block_matmul(x, qs, d, m, fmt)))

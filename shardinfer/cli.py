@@ -13,6 +13,8 @@ from pathlib import Path
 # starts (the first device query), not at import.
 from shardinfer.compile_cache import DEFAULT_CACHE_DIR
 from shardinfer.host_devices import set_host_devices
+
+QUANTIZE_CHOICES = ("int8", "w8a8", "gguf", "q8_0", "q4_0")  # models/weights.py QUANTIZE_MODES
 from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR
 
 
@@ -48,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all on data)")
         cmd.add_argument("--host-devices", type=int, default=None, help="simulate N CPU devices")
         cmd.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
-        cmd.add_argument("--quantize", default=None, choices=["int8", "w8a8"],
-                         help="int8 weights (w8a8: int8 activations too)")  # fmt: skip
+        cmd.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
+                         help="int8 weights (w8a8: int8 activations too); GGUF blocks: gguf "
+                              "(a .gguf file's own), q8_0, q4_0")  # fmt: skip
         cmd.add_argument(
             "--layer-loop",
             default=None,
@@ -167,8 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--mesh", default=None, help="the mesh to shard while converting")
     conv.add_argument("--host-devices", type=int, default=None)
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
-    conv.add_argument("--quantize", default=None, choices=["int8", "w8a8"],
-                      help="store int8 weights")  # fmt: skip
+    conv.add_argument("--quantize", default=None, choices=["int8", "w8a8", "q8_0", "q4_0"],
+                      help="store int8 or block weights")  # fmt: skip
 
     info = sub.add_parser("info", help="devices, processes, version")
     info.add_argument("--host-devices", type=int, default=None)

@@ -4,6 +4,8 @@ validation errors as OpenAI error bodies."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 
 from fastapi import FastAPI, HTTPException, Request
@@ -12,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from shardinfer.serving.openai_schema import error_response
 
 MAX_BODY_BYTES = 1 << 20
+DRAIN_BYTES = 16 << 20  # a body over the limit but under this is read (and dropped) first,
+DRAIN_SECONDS = 1.0  # for this long at most
 
 
 class _BodyTooLarge(HTTPException):
@@ -74,8 +78,18 @@ def install_guards(app: FastAPI, api_key: str | None, refused: Callable[[str], N
         authorized = request.headers.get("authorization") == f"Bearer {api_key}"
         if api_key and request.url.path.startswith("/v1/") and not authorized:
             return error_response(401, "missing or wrong API key", "authentication_error")
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            return too_large()  # refused before a byte of the body is read
+        length = int(request.headers.get("content-length") or 0)
+        if length > MAX_BODY_BYTES:  # refused without keeping a byte of the body
+            if length <= DRAIN_BYTES:
+                # What arrives within a second is read and dropped: a client still sending
+                # would otherwise meet a closed connection (a broken pipe) instead of this
+                # answer. One that sends slowly gets the answer anyway, and the connection
+                # closes on the rest.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DRAIN_SECONDS):
+                        async for _ in request.stream():
+                            pass
+            return too_large()
         if request.method == "POST" and not request.headers.get("content-type", "").startswith(
             "application/json"
         ):

@@ -6,10 +6,10 @@ A block is 32 consecutive values along the contracted (input) dimension with the
   q4_0: f16 d, u8 q[16]            w = d * (nibble - 8)
   q4_1: f16 d, f16 m, u8 q[16]     w = d * nibble + m
 where byte i of a 4-bit block holds element i in its low nibble and element i + 16 in its high
-one. A `BlockWeight` stores the weight transposed, output axes first, as arrays `qs`
-[*N, *K[:-1], K[-1] / 32, bytes], `d` (and `m`) [*N, *K[:-1], K[-1] / 32], each axis carrying
-the first output axis split over the mesh axis the rules give the weight (BlockWeight.__init__
-says why row-parallel weights are split along their output too).
+one. A `BlockWeight` stores the weight transposed, output axes first and the inputs flattened
+(as GGUF rows are), as arrays `qs` [*N, prod(K) / 32, bytes], `d` (and `m`)
+[*N, prod(K) / 32], the first output axis split over the mesh axis the rules give the weight
+(BlockWeight.__init__ says why row-parallel weights are split along their output too).
 
 The matmul runs per device inside `shard_map`: each device multiplies its own shard of output
 rows against the whole input (the C++ kernels of shardinfer.kernels on x86-64 CPUs, the same
@@ -90,24 +90,6 @@ def _round_away(x, xp):
     return xp.sign(x) * xp.floor(xp.abs(x) + 0.5)
 
 
-def round_activations(x: jax.Array) -> jax.Array:
-    """x [M, K] float32 as the kernels see it: each 32-block rounded to int8 steps of its own
-    scale (max |x| / 127), as llama.cpp rounds activations for its block dots."""
-    blocks = x.reshape(*x.shape[:-1], -1, BLOCK)
-    scale = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / 127.0
-    q = jnp.clip(_round_away(blocks * _inverse(scale, jnp), jnp), -127, 127)
-    return (q * scale).reshape(x.shape)
-
-
-def xla_block_matmul(x: jax.Array, qs, d, m, fmt: str) -> jax.Array:
-    """The kernels' math in XLA, for any platform: x [M, K] float32 against blocks qs
-    [N, K/32, bytes] -> float32 [M, N]; activations rounded as the kernels round them, the
-    weights dequantized, one float32 dot."""
-    w = dequantize_blocks(qs, d, m, fmt, jnp.float32)
-    return jax.lax.dot_general(round_activations(x), w, (((1,), (1,)), ((), ())),
-                               precision=jax.lax.Precision.HIGHEST)  # fmt: skip
-
-
 # ---- the parameter ---------------------------------------------------------------------------
 
 
@@ -124,12 +106,11 @@ class BlockWeight(nnx.Module):
         self.n_axes = tuple(axes[i] for i in n_idx)
         self.k_axes = tuple(axes[i] for i in contract)
         order = [*lead, *n_idx, *contract]
-        shape = tuple(value.shape[i] for i in order)
-        if shape[-1] % BLOCK:
-            raise ValueError(
-                f"a {fmt} weight needs its last input axis ({self.k_axes[-1]}) to be a multiple "
-                f"of {BLOCK}; got {shape[-1]}"
-            )
+        outputs = [value.shape[i] for i in (*lead, *n_idx)]
+        inputs = math.prod(value.shape[i] for i in contract)  # blocks run across all of K
+        if inputs % BLOCK:
+            raise ValueError(f"a {fmt} weight needs its inputs ({'x'.join(self.k_axes)}: "
+                             f"{inputs}) to be a multiple of {BLOCK}")  # fmt: skip
         # Placement: only the first output axis is ever split. A row-parallel weight (its
         # input axis on a mesh axis) is split along its output instead: each device then
         # computes whole output elements, bit for bit as one device does, where partial sums
@@ -138,8 +119,8 @@ class BlockWeight(nnx.Module):
         split = self.n_axes[0]
         if sharder.rules.mesh_axis(split) is None and sharder.rules.mesh_axis(self.k_axes[0]):
             split = self.k_axes[0]
-        outer = (*(["layers"] * len(lead)), split, *([None] * (len(order) - len(lead) - 1)))
-        qs, d, m = quantize_blocks(jnp.transpose(value, order), fmt)
+        outer = ("layers",) * len(lead) + (split,) + (None,) * len(self.n_axes)
+        qs, d, m = quantize_blocks(jnp.transpose(value, order).reshape(*outputs, inputs), fmt)
         self.qs = nnx.Param(qs, logical_axes=(*outer, None), block_format=fmt)
         self.d = nnx.Param(d, logical_axes=outer, block_format=fmt)
         # nnx.data: `m` is state even while None (a q4_1 reformat fills it in).
@@ -198,7 +179,9 @@ def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
     n_axis = qs_spec[0]  # the only axis a block weight is split on (BlockWeight.__init__)
     batch = rules.mesh_axis("batch")
     rows_axis = batch if batch in mesh.shape and x2.shape[0] % mesh.shape[batch] == 0 else None
-    matmul = _kernel_matmul() if _use_kernels(mesh) else xla_block_matmul
+    from shardinfer import kernels
+
+    matmul = kernels.block_matmul if _use_kernels(mesh) else kernels.block_matmul_reference
 
     def local(x_loc, qs_loc, *scales):
         n = math.prod(qs_loc.shape[: len(w.n_axes)])
@@ -228,28 +211,29 @@ def _padded(spec: P, ndim: int) -> tuple:
 _said: set[str] = set()
 
 
-def _kernel_matmul():
-    from shardinfer import kernels
-
-    return kernels.block_matmul
+_settings = {"kernels": True}
 
 
-def _kernels_loaded() -> bool:
-    try:
-        from shardinfer import kernels
-
-        return kernels.available()
-    except (ImportError, AttributeError):  # a source tree without the kernels package
-        return False
+def use_kernels(enabled: bool) -> None:
+    """Tests and benchmarks: `False` sends block matmuls through XLA even where the kernels
+    loaded (programs traced before keep their path: `jax.clear_caches()` after)."""
+    _settings["kernels"] = enabled
 
 
 def _use_kernels(mesh) -> bool:
     """The compiled kernels serve CPU meshes when they loaded; otherwise XLA does the same
     math (said once per reason)."""
+    from shardinfer import kernels
+
     platform = mesh.devices.flat[0].platform
-    if platform == "cpu" and _kernels_loaded():
+    if platform == "cpu" and kernels.available() and _settings["kernels"]:
         return True
-    reason = "not a CPU mesh" if platform != "cpu" else "the CPU kernels are not available"
+    if platform != "cpu":
+        reason = "not a CPU mesh"
+    elif not _settings["kernels"]:
+        reason = "turned off"
+    else:
+        reason = f"no CPU kernels: {kernels.unavailable_reason()}"
     if reason not in _said:
         _said.add(reason)
         log.info("GGUF block weights: XLA matmuls (%s)", reason)

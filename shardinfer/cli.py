@@ -13,9 +13,9 @@ from pathlib import Path
 # starts (the first device query), not at import.
 from shardinfer.compile_cache import DEFAULT_CACHE_DIR
 from shardinfer.host_devices import set_host_devices
+from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR
 
 QUANTIZE_CHOICES = ("int8", "w8a8", "gguf", "q8_0", "q4_0")  # models/weights.py QUANTIZE_MODES
-from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR
 
 
 def _set_host_devices(n: int | None) -> None:

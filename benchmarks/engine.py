@@ -39,8 +39,10 @@ from common import (
     timed,
 )
 
-# int8: int8 weights, float32 activations; w8a8: int8 weights and activations (int8 dots).
-SHARDINFER_DTYPES = ("float32", "bfloat16", "int8", "w8a8")
+# int8: int8 weights, float32 activations; w8a8: int8 weights and activations (int8 dots);
+# gguf: the GGUF file's own blocks (Q4_1 layers, a Q8_0 table) through the block kernels.
+SHARDINFER_DTYPES = ("float32", "bfloat16", "int8", "w8a8", "gguf")
+QUANTIZED = ("int8", "w8a8", "gguf")
 HF_DTYPES = ("float32", "bfloat16")
 TTFT_LENGTHS = (32, 512)
 MESHES = ("1 device", "data=8", "model=8", "data=2,model=4")
@@ -52,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
     p.add_argument("--render", type=Path, help="only rewrite .md and .png from this JSON")
+    p.add_argument("--only", default="",
+                   help="comma-separated section names to run (e.g. 'shardinfer gguf,llama.cpp'); "
+                        "default: every section")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "llama.cpp" or a mesh, in a subprocess
     args = p.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -116,7 +121,7 @@ def bench_shardinfer(
 
     # "1 device" among 8 simulated ones: the same process setup as the sharded meshes.
     spec = si.make_mesh(None, devices=jax.devices()[:1]) if mesh == "1 device" else mesh
-    quantize = dtype if dtype in ("int8", "w8a8") else None
+    quantize = dtype if dtype in QUANTIZED else None
     load_s, model = timed(
         lambda: si.load_model(
             MODEL, mesh=spec, dtype="float32" if quantize else dtype, quantize=quantize
@@ -332,7 +337,11 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"engine-cpu-{report['date'][:10]}"
 
+    chosen = {name.strip() for name in args.only.split(",") if name.strip()}
+
     def section(name: str, fn: Callable[[], Row], into: str) -> None:
+        if chosen and not any(name.startswith(c) for c in chosen):
+            return
         start = cpu_snapshot()
         try:
             report[into].append(fn())

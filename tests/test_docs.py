@@ -19,7 +19,13 @@ PAGES = sorted(p for p in DOCS.glob("*.md") if p.name != "architecture.md")
 
 # What each page's examples must print (a page added to docs/ needs an entry).
 EXPECT: dict[str, tuple[str, ...]] = {
-    "python.md": ("Paris", "| stop", "int8 weights:", "restored on model=8: True"),
+    "python.md": (
+        "Paris",
+        "| stop",
+        "int8 weights:",
+        "restored on model=8: True",
+        "gguf blocks: 97 MB",
+    ),
     "cli.md": ("Paris", "Mesh(data=2, model=4)", "tok/s"),
     "serving.md": (
         '"object":"chat.completion"',

@@ -76,7 +76,9 @@ class OptionalBuildExt(build_ext):
     def _failed(self, error: Exception) -> None:
         if _flag("SHARDINFER_REQUIRE_KERNELS"):
             raise error
-        _warn(f"GGUF block kernels not built ({type(error).__name__}: {error})")
+        if not getattr(self, "_kernel_failed", False):  # not again for the in-place copy
+            _warn(f"GGUF block kernels not built ({type(error).__name__}: {error})")
+        self._kernel_failed = True
 
 
 def _extensions() -> list[Extension]:

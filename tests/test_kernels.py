@@ -231,6 +231,9 @@ def test_kernel_large_values_and_threads(fmt, each_isa):
         if isa is not None:
             kernels._set_threads(0, 0)  # every call parallel, in chunks of 8 rows
             check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} threaded")
+            stats = kernels._last_call()  # XLA's intra-op pool was there and was asked
+            assert stats["pool_threads"] >= 1 and stats["threads"] >= 2, stats
+            assert stats["chunks"] > 1, stats
             kernels._set_threads(1, 1 << 14)
             check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} one thread")
             kernels._set_threads(0, 1 << 14)
@@ -285,6 +288,21 @@ def test_extreme_weights(fmt, each_isa):
     for isa in each_isa:
         _use(isa)
         np.testing.assert_array_equal(np.asarray(call(x, qs, d, m)), ref.astype(np.float32))
+
+
+def test_raw_entry_matches_ffi_call():
+    """The plain C entry (benchmarks) computes what the FFI handler computes, bit for bit."""
+    if not EXPECT_KERNEL:
+        assert not kernels.available()
+        return
+    for fmt in FORMATS:
+        x, qs, d, m = random_problem(fmt, 3, 37, 288)
+        y = np.zeros((3, 37), np.float32)
+        kernels._matmul_raw(
+            x.ctypes.data, 3, 9, qs.ctypes.data, d.ctypes.data,
+            None if m is None else m.ctypes.data, 37, y.ctypes.data, fmt,
+        )  # fmt: skip
+        np.testing.assert_array_equal(y, np.asarray(kernels.block_matmul(x, qs, d, m, fmt)))
 
 
 # ---- the XLA reference -------------------------------------------------------------------------

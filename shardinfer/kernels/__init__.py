@@ -23,6 +23,10 @@ it as float16 in its q8_0 blocks; keeping float32 is slightly more accurate). Th
 
 with ``wq = qs`` (q8_0) or ``nibble - 8`` (q4_0) or ``nibble`` (q4_1).
 
+Threads: each call splits N over XLA's intra-op thread pool (and the calling thread) when it has
+at least 16384 block dots (N * K/32 * M); SHARDINFER_GGUF_THREADS=n caps the threads per call
+(1: the calling thread only, better on a machine whose cores are busy with other work).
+
 The kernel is a compiled library built when the package is installed (setup.py); `available()`
 says whether it loaded here (x86-64 with AVX2, FMA and F16C). `block_matmul` uses it on CPU
 devices when available and `block_matmul_reference` otherwise (other platforms, or no library),
@@ -34,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import logging
+import os
 import platform
 import threading
 from pathlib import Path
@@ -107,14 +112,22 @@ def _load() -> ctypes.CDLL | None:
                     ctypes.c_void_p,
                 ]
                 lib.ShardinferGgufQuantizeX.restype = ctypes.c_int
+                i64, ptr = ctypes.c_longlong, ctypes.c_void_p
+                lib.ShardinferGgufMatmulRaw.argtypes = [
+                    ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr
+                ]  # fmt: skip
+                lib.ShardinferGgufMatmulRaw.restype = ctypes.c_int
                 if lib.ShardinferGgufBestIsa() == 0:
                     why = "GGUF block kernels need AVX2, FMA and F16C, which this CPU lacks"
                     lib = None
                 else:
+                    threads = os.environ.get("SHARDINFER_GGUF_THREADS", "").strip()
+                    if threads:
+                        lib.ShardinferGgufSetThreads(int(threads), -1)
                     for target, symbol, *_ in _FORMATS.values():
                         capsule = jax.ffi.pycapsule(getattr(lib, symbol))
                         jax.ffi.register_ffi_target(target, capsule, platform="cpu")
-            except (OSError, AttributeError) as e:
+            except (OSError, AttributeError, ValueError) as e:
                 why = f"GGUF block kernels failed to load from {path}: {e}"
                 lib, level = None, logging.WARNING
         if why is not None:
@@ -173,6 +186,36 @@ def _set_threads(n: int = 0, min_work: int = -1) -> None:
     if lib is None:
         raise RuntimeError(unavailable_reason())
     lib.ShardinferGgufSetThreads(n, min_work)
+
+
+def _last_call() -> dict:
+    """Benchmarks and tests: how the last kernel call (in any thread) used threads."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    out = (ctypes.c_longlong * 4)()
+    lib.ShardinferGgufLastCall(out)
+    return dict(pool_threads=out[0], threads=out[1], chunks=out[2], own_chunks=out[3])
+
+
+def _matmul_raw(
+    x_ptr: int,
+    m_rows: int,
+    nb: int,
+    qs_ptr: int,
+    d_ptr: int,
+    m_ptr: int | None,
+    n: int,
+    y_ptr: int,
+    fmt: str,
+) -> None:
+    """Benchmarks: the kernel on raw row-major buffers, on the calling thread, without XLA."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    code = FORMATS.index(fmt)
+    if not lib.ShardinferGgufMatmulRaw(code, x_ptr, m_rows, nb, qs_ptr, d_ptr, m_ptr, n, y_ptr):
+        raise ValueError("bad arguments")
 
 
 def _quantize_x_native(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -215,7 +215,7 @@ struct Shared {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
-  void Work() {
+  int64_t Work() {
     int64_t mine = 0;
     for (;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
@@ -226,14 +226,24 @@ struct Shared {
       ++mine;
     }
     if (mine) done.fetch_add(mine, std::memory_order_release);
+    return mine;
   }
 };
+
+// What the last call did, for tests and benchmarks: the pool's size, the threads it asked for,
+// its chunks, and how many of them the calling thread ran itself.
+static std::atomic<int64_t> g_stat_pool{-1}, g_stat_threads{0}, g_stat_chunks{0}, g_stat_own{0};
 
 static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
   const int64_t work = p.n_total * p.nb * p.m_total;
   int64_t threads = 1;
+  const int64_t pool_size = pool != nullptr ? pool->num_threads() : -1;
+  g_stat_pool.store(pool_size, std::memory_order_relaxed);
+  g_stat_threads.store(1, std::memory_order_relaxed);
+  g_stat_chunks.store(1, std::memory_order_relaxed);
+  g_stat_own.store(1, std::memory_order_relaxed);
   if (pool != nullptr && work >= g_parallel_min.load(std::memory_order_relaxed)) {
-    threads = pool->num_threads() + 1;
+    threads = pool_size + 1;
     const int cap = g_max_threads.load(std::memory_order_relaxed);
     if (cap > 0) threads = std::min<int64_t>(threads, cap);
   }
@@ -255,7 +265,10 @@ static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
   sh->n_chunks = (p.n_total + rows - 1) / rows;
   const int64_t helpers = std::min<int64_t>(threads - 1, sh->n_chunks - 1);
   for (int64_t i = 0; i < helpers; ++i) pool->Schedule([sh] { sh->Work(); });
-  sh->Work();
+  const int64_t own = sh->Work();
+  g_stat_threads.store(helpers + 1, std::memory_order_relaxed);
+  g_stat_chunks.store(sh->n_chunks, std::memory_order_relaxed);
+  g_stat_own.store(own, std::memory_order_relaxed);
   // Whatever is not done yet has been claimed by a running helper.
   int spins = 0;
   while (sh->done.load(std::memory_order_acquire) < sh->n_chunks) {
@@ -265,6 +278,47 @@ static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
       std::this_thread::yield();
     }
   }
+}
+
+// y [M, N] = x [M, 32 nb] times the blocks (qs, d, m) of N rows; pool may be null.
+static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, const uint8_t* qs,
+                   const uint16_t* d, const uint16_t* m, int64_t N, float* y,
+                   ffi::ThreadPool* pool) {
+  const int64_t qbytes = fmt == Fmt::kQ8_0 ? 32 : 16;
+  const int64_t nb_pad = (nb + 7) / 8 * 8;
+  const int64_t xq_row = 32 * ((nb + 1) / 2 * 2);
+  const size_t xq_bytes = Align64(static_cast<size_t>(M * xq_row));
+  const size_t plane = Align64(static_cast<size_t>(M * nb_pad * 4));
+  static thread_local Scratch scratch;
+  auto* base = static_cast<unsigned char*>(scratch.Get(xq_bytes + 3 * plane));
+  Problem p;
+  p.fmt = fmt;
+  p.m_total = M;
+  p.n_total = N;
+  p.nb = nb;
+  p.nb_pad = nb_pad;
+  p.qs = qs;
+  p.qs_row_bytes = qbytes * nb;
+  p.d = d;
+  p.m = m;
+  p.xq = reinterpret_cast<const int8_t*>(base);
+  p.xq_row_bytes = xq_row;
+  auto* dx = reinterpret_cast<float*>(base + xq_bytes);
+  auto* xsum = reinterpret_cast<int32_t*>(base + xq_bytes + plane);
+  auto* sx = reinterpret_cast<float*>(base + xq_bytes + 2 * plane);
+  if (nb_pad != nb) {  // the padding lanes must read as zero
+    std::memset(dx, 0, plane);
+    std::memset(xsum, 0, plane);
+    std::memset(sx, 0, plane);
+  }
+  p.dx = dx;
+  p.xsum = xsum;
+  p.sx = sx;
+  p.y = y;
+  const Kernels k = KernelsFor(isa);
+  k.quantize(x, 0, M,
+             fmt == Fmt::kQ8_0 ? XLayout::kQ8Pairs : XLayout::kQ4Pairs, p);
+  Compute(p, k, pool);
 }
 
 static ffi::Error Run(Fmt fmt, ffi::ThreadPool* pool, ffi::AnyBuffer x, ffi::AnyBuffer qs,
@@ -300,40 +354,11 @@ static ffi::Error Run(Fmt fmt, ffi::ThreadPool* pool, ffi::AnyBuffer x, ffi::Any
     std::memset(y->untyped_data(), 0, sizeof(float) * M * N);
     return ffi::Error::Success();
   }
-  const int64_t nb_pad = (nb + 7) / 8 * 8;
-  const int64_t xq_row = 32 * ((nb + 1) / 2 * 2);
-  const size_t xq_bytes = Align64(static_cast<size_t>(M * xq_row));
-  const size_t plane = Align64(static_cast<size_t>(M * nb_pad * 4));
-  static thread_local Scratch scratch;
-  auto* base = static_cast<unsigned char*>(scratch.Get(xq_bytes + 3 * plane));
-  Problem p;
-  p.fmt = fmt;
-  p.m_total = M;
-  p.n_total = N;
-  p.nb = nb;
-  p.nb_pad = nb_pad;
-  p.qs = static_cast<const uint8_t*>(qs.untyped_data());
-  p.qs_row_bytes = qbytes * nb;
-  p.d = static_cast<const uint16_t*>(d.untyped_data());
-  p.m = m != nullptr ? static_cast<const uint16_t*>(m->untyped_data()) : nullptr;
-  p.xq = reinterpret_cast<const int8_t*>(base);
-  p.xq_row_bytes = xq_row;
-  auto* dx = reinterpret_cast<float*>(base + xq_bytes);
-  auto* xsum = reinterpret_cast<int32_t*>(base + xq_bytes + plane);
-  auto* sx = reinterpret_cast<float*>(base + xq_bytes + 2 * plane);
-  if (nb_pad != nb) {  // the padding lanes must read as zero
-    std::memset(dx, 0, plane);
-    std::memset(xsum, 0, plane);
-    std::memset(sx, 0, plane);
-  }
-  p.dx = dx;
-  p.xsum = xsum;
-  p.sx = sx;
-  p.y = static_cast<float*>(y->untyped_data());
-  const Kernels k = KernelsFor(isa);
-  k.quantize(static_cast<const float*>(x.untyped_data()), 0, M,
-             fmt == Fmt::kQ8_0 ? XLayout::kQ8Pairs : XLayout::kQ4Pairs, p);
-  Compute(p, k, pool);
+  Matmul(fmt, isa, static_cast<const float*>(x.untyped_data()), M, nb,
+         static_cast<const uint8_t*>(qs.untyped_data()),
+         static_cast<const uint16_t*>(d.untyped_data()),
+         m != nullptr ? static_cast<const uint16_t*>(m->untyped_data()) : nullptr, N,
+         static_cast<float*>(y->untyped_data()), pool);
   return ffi::Error::Success();
 }
 
@@ -393,6 +418,29 @@ __attribute__((visibility("default"))) int ShardinferGgufSetIsa(int isa) {
 __attribute__((visibility("default"))) void ShardinferGgufSetThreads(int n, long long min_work) {
   sg::g_max_threads.store(n < 0 ? 0 : n);
   if (min_work >= 0) sg::g_parallel_min.store(min_work);
+}
+
+// The last call's threading (any thread's): out[0] the intra-op pool's size (-1: none),
+// out[1] threads used (the caller included), out[2] chunks, out[3] chunks the caller ran.
+__attribute__((visibility("default"))) void ShardinferGgufLastCall(long long* out) {
+  out[0] = sg::g_stat_pool.load();
+  out[1] = sg::g_stat_threads.load();
+  out[2] = sg::g_stat_chunks.load();
+  out[3] = sg::g_stat_own.load();
+}
+
+// y float32 [M, N] = x float32 [M, 32 nb] times a weight's blocks, on the calling thread only
+// (benchmarks: the kernel without XLA). fmt: 0 q8_0, 1 q4_0, 2 q4_1. Returns 0 if unsupported.
+__attribute__((visibility("default"))) int ShardinferGgufMatmulRaw(int fmt, const float* x,
+                                                                   long long M, long long nb,
+                                                                   const void* qs, const void* d,
+                                                                   const void* m, long long N,
+                                                                   float* y) {
+  const int isa = sg::g_isa.load();
+  if (isa == sg::kNone || fmt < 0 || fmt > 2 || M < 0 || N < 0 || nb < 1) return 0;
+  sg::Matmul(static_cast<sg::Fmt>(fmt), isa, x, M, nb, static_cast<const uint8_t*>(qs),
+             static_cast<const uint16_t*>(d), static_cast<const uint16_t*>(m), N, y, nullptr);
+  return 1;
 }
 
 // x float32 [M, K] rounded as the kernels round it: xq int8 [M, K], dx float32 [M, K/32].

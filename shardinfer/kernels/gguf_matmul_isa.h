@@ -36,6 +36,9 @@ namespace SI_ISA_NS {
 
 #define SI_INLINE inline __attribute__((always_inline))
 #define SI_UNROLL _Pragma("GCC unroll 16")
+#ifndef SI_PREFETCH_ROWS
+#define SI_PREFETCH_ROWS 16
+#endif
 
 // acc + per-lane sums of 4 (unsigned u byte) * (signed s byte) products.
 static SI_INLINE __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
@@ -222,6 +225,19 @@ static void tile(const Problem& p, int64_t n0, int64_t m0) {
   for (int r = 0; r < R; ++r)
     SI_UNROLL
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  if (m0 == 0 && n0 + R + SI_PREFETCH_ROWS <= p.n_total) {
+    // The rows SI_PREFETCH_ROWS ahead (the hardware prefetcher alone leaves DRAM bandwidth
+    // unused): their qs, d and m bytes, a cache line at a time.
+    const int64_t ahead = n0 + SI_PREFETCH_ROWS;
+    const char* q = reinterpret_cast<const char*>(p.qs + ahead * p.qs_row_bytes);
+    for (int64_t off = 0; off < R * p.qs_row_bytes; off += 64) _mm_prefetch(q + off, _MM_HINT_T0);
+    const char* dp = reinterpret_cast<const char*>(p.d + ahead * nb);
+    for (int64_t off = 0; off < R * nb * 2; off += 64) _mm_prefetch(dp + off, _MM_HINT_T0);
+    if constexpr (F == Fmt::kQ4_1) {
+      const char* mp = reinterpret_cast<const char*>(p.m + ahead * nb);
+      for (int64_t off = 0; off < R * nb * 2; off += 64) _mm_prefetch(mp + off, _MM_HINT_T0);
+    }
+  }
   const int64_t full_end = nb & ~int64_t{7};
   for (int64_t g = 0; g < full_end; g += 8)
     group<F, R, C, true>(p, wrow, drow, mrow, xrow, dxrow, sumrow, sxrow, g, 8, acc);

@@ -21,6 +21,7 @@
 // waits only for chunks a helper has claimed, so a pool with no idle thread cannot deadlock it
 // (it then does all the work itself), and small problems never touch the pool.
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -153,16 +154,26 @@ namespace shardinfer_gguf {
 
 enum Isa : int { kNone = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
 
+// CPUID and XGETBV directly (GCC's and clang's __builtin_cpu_supports differ in which names they
+// know): the instructions, and the OS saving the registers they use.
 static int DetectIsa() {
-  __builtin_cpu_init();
-  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")))
-    return kNone;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
-    return kAvx512Vnni;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return kNone;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28),
+             f16c = c & (1u << 29);
+  if (!(fma && osxsave && avx && f16c)) return kNone;
+  unsigned xlo, xhi;
+  __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  (void)xhi;
+  if ((xlo & 0x6) != 0x6) return kNone;  // the OS saves XMM and YMM state
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return kNone;
+  if (!(b & (1u << 5))) return kNone;  // AVX2
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) &&  // F BW VL
+                      (c & (1u << 11)) &&                                           // VNNI
+                      (xlo & 0xE6) == 0xE6;  // and the OS saves opmask and ZMM state
+  if (avx512) return kAvx512Vnni;
 #if SI_HAVE_AVXVNNI
-  if (__builtin_cpu_supports("avxvnni")) return kAvxVnni;
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4))) return kAvxVnni;
 #endif
   return kAvx2;
 }

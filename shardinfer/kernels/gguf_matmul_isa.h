@@ -148,22 +148,36 @@ static SI_INLINE void group(const Problem& pr, const uint8_t* const* wrow,
   const int64_t p0 = g / 2;
   const int npairs = kFull ? 4 : (cnt + 1) / 2;
   const bool last_single = !kFull && (cnt & 1);
-  __m256i v[4][R][C];
+  // Pairs 0 and 1 reduce to h[0] (b0 b0 b2 b2 | b1 b1 b3 b3), pairs 2 and 3 to h[1], each as
+  // soon as its two pairs are done (fewer live registers than keeping all four).
+  __m256i h[2][R][C];
   SI_UNROLL
-  for (int q = 0; q < 4; ++q) {
-    if (kFull || q < npairs) {
-      const bool single = !kFull && last_single && q == npairs - 1;
-      SI_UNROLL
-      for (int c = 0; c < C; ++c)
+  for (int half = 0; half < 2; ++half) {
+    __m256i v[2][R][C];
+    SI_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const int q = 2 * half + e;
+      if (kFull || q < npairs) {
+        const bool single = !kFull && last_single && q == npairs - 1;
+        SI_UNROLL
+        for (int c = 0; c < C; ++c)
+          SI_UNROLL
+          for (int r = 0; r < R; ++r)
+            v[e][r][c] = pair_dot<F>(wrow[r], xrow[c] + 64 * (p0 + q), p0 + q, single);
+      } else {
         SI_UNROLL
         for (int r = 0; r < R; ++r)
-          v[q][r][c] = pair_dot<F>(wrow[r], xrow[c] + 64 * (p0 + q), p0 + q, single);
-    } else {
-      SI_UNROLL
-      for (int r = 0; r < R; ++r)
-        SI_UNROLL
-        for (int c = 0; c < C; ++c) v[q][r][c] = _mm256_setzero_si256();
+          SI_UNROLL
+          for (int c = 0; c < C; ++c) v[e][r][c] = _mm256_setzero_si256();
+      }
     }
+    SI_UNROLL
+    for (int r = 0; r < R; ++r)
+      SI_UNROLL
+      for (int c = 0; c < C; ++c)
+        h[half][r][c] = (kFull || 2 * half < npairs)
+                            ? _mm256_hadd_epi32(v[0][r][c], v[1][r][c])
+                            : _mm256_setzero_si256();
   }
   __m256 dv[R], mv[R];
   SI_UNROLL
@@ -185,10 +199,7 @@ static SI_INLINE void group(const Problem& pr, const uint8_t* const* wrow,
     if constexpr (F == Fmt::kQ4_1) sxv = _mm256_loadu_ps(sxrow[c] + g);
     SI_UNROLL
     for (int r = 0; r < R; ++r) {
-      const __m256i h01 = _mm256_hadd_epi32(v[0][r][c], v[1][r][c]);  // b0 b0 b2 b2|b1 b1 b3 b3
-      const __m256i h23 = (kFull || npairs > 2) ? _mm256_hadd_epi32(v[2][r][c], v[3][r][c])
-                                                : _mm256_setzero_si256();
-      __m256i dots = _mm256_hadd_epi32(h01, h23);  // b0 b2 b4 b6 | b1 b3 b5 b7
+      __m256i dots = _mm256_hadd_epi32(h[0][r][c], h[1][r][c]);  // b0 b2 b4 b6 | b1 b3 b5 b7
       if constexpr (kShift != 0) dots = _mm256_sub_epi32(dots, corr);
       acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(dv[r], dxv), acc[r][c]);
       if constexpr (F == Fmt::kQ4_1) acc[r][c] = _mm256_fmadd_ps(mv[r], sxv, acc[r][c]);

@@ -142,6 +142,27 @@ def test_available_where_expected():
         assert kernels.isa() is None
 
 
+def test_fallback_where_the_kernel_cannot_load(monkeypatch, caplog):
+    """As on an aarch64 machine: available() is False, the reason is logged once, and
+    block_matmul is block_matmul_reference (this machine's library state is restored after)."""
+    saved = dict(kernels._state)
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    kernels._state.clear()
+    try:
+        with caplog.at_level("INFO", logger="shardinfer"):
+            assert not kernels.available() and not kernels.available()
+        assert "x86-64 only" in kernels.unavailable_reason()
+        assert sum("x86-64 only" in r.getMessage() for r in caplog.records) == 1
+        x, qs, d, m = random_problem("q4_1", 2, 5, 64)
+        np.testing.assert_array_equal(
+            np.asarray(kernels.block_matmul(x, qs, d, m, "q4_1")),
+            np.asarray(kernels.block_matmul_reference(x, qs, d, m, "q4_1")),
+        )
+    finally:
+        kernels._state.clear()
+        kernels._state.update(saved)
+
+
 # ---- x rounding --------------------------------------------------------------------------------
 
 

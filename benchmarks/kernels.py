@@ -377,7 +377,10 @@ def section_llama_cpp(path: Path | None, tokens: int = 64) -> dict | None:
 
     if path is None or importlib.util.find_spec("llama_cpp") is None:
         return None
+    import resource
+
     load = cpu_times()
+    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [sys.executable, "-c", LLAMA_CPP_SNIPPET, str(path), str(tokens)],
         capture_output=True,
@@ -387,7 +390,10 @@ def section_llama_cpp(path: Path | None, tokens: int = 64) -> dict | None:
         res = dict(error=f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
     else:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["other_load"] = other_load(load)
+    child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_s = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
+    # other_load counts the llama.cpp subprocess as "other": take its own CPU off
+    res["other_load"] = other_load(load) - child_s / (time.perf_counter() - load[0])
     print("llama.cpp:", json.dumps(res), flush=True)
     return res
 

@@ -51,7 +51,7 @@ def each_isa():
     yield isas
     if EXPECT_KERNEL:
         kernels._set_isa(None)
-        kernels._set_threads(0, 1 << 14)
+        kernels._set_threads(0, 4096)
 
 
 def _use(isa):
@@ -255,9 +255,9 @@ def test_kernel_large_values_and_threads(fmt, each_isa):
             stats = kernels._last_call()  # XLA's intra-op pool was there and was asked
             assert stats["pool_threads"] >= 1 and stats["threads"] >= 2, stats
             assert stats["chunks"] > 1, stats
-            kernels._set_threads(1, 1 << 14)
+            kernels._set_threads(1, 4096)
             check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} one thread")
-            kernels._set_threads(0, 1 << 14)
+            kernels._set_threads(0, 4096)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

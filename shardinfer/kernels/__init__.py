@@ -24,7 +24,7 @@ it as float16 in its q8_0 blocks; keeping float32 is slightly more accurate). Th
 with ``wq = qs`` (q8_0) or ``nibble - 8`` (q4_0) or ``nibble`` (q4_1).
 
 Threads: each call splits N over XLA's intra-op thread pool (and the calling thread) when it has
-at least 16384 block dots (N * K/32 * M); SHARDINFER_GGUF_THREADS=n caps the threads per call
+at least 4096 block dots (N * K/32 * M); SHARDINFER_GGUF_THREADS=n caps the threads per call
 (1: the calling thread only, better on a machine whose cores are busy with other work).
 
 The kernel is a compiled library built when the package is installed (setup.py); `available()`
@@ -181,7 +181,7 @@ def _supported_isas() -> list[str]:
 def _set_threads(n: int = 0, min_work: int = -1) -> None:
     """Benchmarks: at most `n` threads per call (0: XLA's intra-op pool + the caller); calls with
     fewer than `min_work` block dots (N * K/32 * M) stay on the calling thread (-1: unchanged;
-    the default is 16384)."""
+    the default is 4096)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(unavailable_reason())

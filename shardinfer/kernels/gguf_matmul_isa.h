@@ -354,6 +354,21 @@ static void run_rows(const Problem& p, int64_t n_begin, int64_t n_end) {
   constexpr int kR = SI_ISA_ROWS;
   constexpr int kC = SI_ISA_COLS;
   constexpr int64_t kMBlock = 64;  // x rows kept hot while a stretch of weight rows streams by
+  {
+    // The first SI_PREFETCH_ROWS rows (the tiles prefetch the rows that far ahead of them).
+    const int64_t pf_end = n_begin + SI_PREFETCH_ROWS < n_end ? n_begin + SI_PREFETCH_ROWS : n_end;
+    const char* q = reinterpret_cast<const char*>(p.qs + n_begin * p.qs_row_bytes);
+    for (int64_t off = 0; off < (pf_end - n_begin) * p.qs_row_bytes; off += 64)
+      _mm_prefetch(q + off, _MM_HINT_T0);
+    const char* dp = reinterpret_cast<const char*>(p.d + n_begin * p.nb);
+    for (int64_t off = 0; off < (pf_end - n_begin) * p.nb * 2; off += 64)
+      _mm_prefetch(dp + off, _MM_HINT_T0);
+    if constexpr (F == Fmt::kQ4_1) {
+      const char* mp = reinterpret_cast<const char*>(p.m + n_begin * p.nb);
+      for (int64_t off = 0; off < (pf_end - n_begin) * p.nb * 2; off += 64)
+        _mm_prefetch(mp + off, _MM_HINT_T0);
+    }
+  }
   for (int64_t mb = 0; mb < p.m_total; mb += kMBlock) {
     const int64_t me = mb + kMBlock < p.m_total ? mb + kMBlock : p.m_total;
     int64_t n = n_begin;

@@ -120,6 +120,7 @@ def machine_info() -> dict:
         "cpu_model": models[0] if models else None,
         "uname": " ".join(platform.uname()),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
         "python": platform.python_version(),
         **{name: version(name) for name in ("jax", "jaxlib", "flax", "torch", "transformers")},
         "devices": [str(d) for d in jax.devices()],

@@ -100,12 +100,53 @@ def profile(quantize: str | None) -> dict:
     one = min(t for n, t in times if n == 1)
     many = min(t for n, t in times if n == 64)
     row["engine_step_us"] = (many - one) / 63 * 1e6
+    row["engine_parts_us"] = engine_parts(llm, ids)
     layers = cfg.num_layers * row["us"]["layer (whole)"]
     row["layers_us"] = layers
     row["unexplained_us"] = row["engine_step_us"] - layers - row["us"]["lm_head (logits)"]
     print(f"{quantize or 'none':>5} engine step {row['engine_step_us']:.0f} µs; "
           f"{cfg.num_layers} layers {layers:.0f} µs", flush=True)  # fmt: skip
     return row
+
+
+def engine_parts(llm, ids) -> dict[str, float]:
+    """µs per decode step of each part of the engine's step (each waited for, so they add
+    up): the host's plan and commit, placing the inputs, the decode program, the cache-write
+    program, reading the token back."""
+    import collections
+
+    import jax
+
+    import shardinfer as si
+    from shardinfer.engine import engine as engine_module
+
+    spent, calls = collections.defaultdict(float), collections.Counter()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn(*args, **kwargs))
+            spent[name] += time.perf_counter() - start
+            calls[name] += 1
+            return out
+
+        return wrapper
+
+    engine, scheduler = llm.core.engine, llm.core.scheduler
+    saved = (engine._decode_inputs, engine._decode, engine._write, scheduler.plan,
+             scheduler.commit, engine_module.fetch_replicated)  # fmt: skip
+    engine._decode_inputs = timed("place inputs", engine._decode_inputs)
+    engine._decode = timed("decode program", engine._decode)
+    engine._write = timed("cache-write program", engine._write)
+    scheduler.plan = timed("plan (host)", scheduler.plan)
+    scheduler.commit = timed("commit (host)", scheduler.commit)
+    engine_module.fetch_replicated = timed("read the token", engine_module.fetch_replicated)
+    try:
+        llm.generate([ids], si.SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    finally:
+        (engine._decode_inputs, engine._decode, engine._write, scheduler.plan,
+         scheduler.commit, engine_module.fetch_replicated) = saved  # fmt: skip
+    return {name: spent[name] / calls[name] * 1e6 for name in spent}
 
 
 def main() -> None:
@@ -150,6 +191,13 @@ def main() -> None:
     for key, label in (("layers_us", "30 layers"), ("engine_step_us", "engine decode step"),
                        ("unexplained_us", "step less layers and lm_head")):  # fmt: skip
         lines.append(f"| **{label}** | " + " | ".join(f"{r[key]:.0f}" for r in rows) + " |")
+    parts = list(rows[0]["engine_parts_us"])
+    lines += ["", "The engine's decode step by parts (µs per step, each part waited for):", "",
+              "| part | " + " | ".join(r["quantize"] for r in rows) + " |",
+              "|---|" + "---:|" * len(rows)]  # fmt: skip
+    for name in parts:
+        values = " | ".join(f"{r['engine_parts_us'][name]:.0f}" for r in rows)
+        lines.append(f"| {name} | {values} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}.json and .md")
 

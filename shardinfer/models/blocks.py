@@ -27,6 +27,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from shardinfer import kernels
+
 BLOCK = 32
 BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
 _PAYLOAD = {"q8_0": BLOCK, "q4_0": BLOCK // 2, "q4_1": BLOCK // 2}  # bytes of q per block
@@ -145,24 +147,6 @@ class BlockWeight(nnx.Module):
     def arrays(self):
         return self.qs[...], self.d[...], None if self.m is None else self.m[...]
 
-    def dequantized(self, dtype) -> jax.Array:
-        """The values in our layout [*N, *K] order (output axes first), `dtype`."""
-        qs, d, m = self.arrays
-        return dequantize_blocks(qs, d, m, self.fmt, dtype)
-
-
-def block_shapes(shape, fmt: str) -> dict[str, tuple[int, ...]]:
-    """Shapes of `qs`, `d` (and `m`) for a transposed weight [*N, *K] of `fmt`."""
-    blocks = (*shape[:-1], shape[-1] // BLOCK)
-    shapes = {"qs": (*blocks, _PAYLOAD[fmt]), "d": blocks}
-    if fmt == "q4_1":
-        shapes["m"] = blocks
-    return shapes
-
-
-def qs_dtype(fmt: str):
-    return _QS_DTYPE[fmt]
-
 
 # ---- the matmul and the lookup ---------------------------------------------------------------
 
@@ -179,15 +163,12 @@ def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
     n_axis = qs_spec[0]  # the only axis a block weight is split on (BlockWeight.__init__)
     batch = rules.mesh_axis("batch")
     rows_axis = batch if batch in mesh.shape and x2.shape[0] % mesh.shape[batch] == 0 else None
-    from shardinfer import kernels
-
     matmul = kernels.block_matmul if _use_kernels(mesh) else kernels.block_matmul_reference
 
     def local(x_loc, qs_loc, *scales):
         n = math.prod(qs_loc.shape[: len(w.n_axes)])
         scales = [s.reshape(n, -1) for s in scales] + [None] * (2 - len(scales))
-        y = matmul(x_loc, qs_loc.reshape(n, -1, qs_loc.shape[-1]), *scales, w.fmt)
-        return y
+        return matmul(x_loc, qs_loc.reshape(n, -1, qs_loc.shape[-1]), *scales, w.fmt)
 
     arrays = [x2, qs, d] + ([] if m is None else [m])
     specs = [P(rows_axis, None), P(*qs_spec)] + [P(*qs_spec[:-1])] * (len(arrays) - 2)
@@ -209,8 +190,6 @@ def _padded(spec: P, ndim: int) -> tuple:
 
 
 _said: set[str] = set()
-
-
 _settings = {"kernels": True}
 
 

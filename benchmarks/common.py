@@ -127,12 +127,15 @@ def machine_info() -> dict:
     }
 
 
-def cpu_flags() -> str:
-    """The CPU features bfloat16 and int8 speed depend on, for every result file."""
+# The CPU features bfloat16 and int8 speed depend on, for every result file.
+RESULT_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_flags(wanted: tuple[str, ...] = RESULT_FLAGS) -> str:
+    """Those of `wanted` this CPU has, in that order."""
     flags = set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
     return " ".join(f for f in wanted if f in flags) or "no avx2"

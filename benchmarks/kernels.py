@@ -42,9 +42,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import cpu_flags, cpu_times, git_revision, machine_info, other_load
+from common import RESULT_FLAGS, cpu_flags, cpu_times, git_revision, machine_info, other_load
 
 import shardinfer.kernels as kernels
+
+# The flags the kernels' paths depend on, then the ones every result file records.
+_OWN_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni")
+KERNEL_FLAGS = tuple(dict.fromkeys((*_OWN_FLAGS, *RESULT_FLAGS)))
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 LAYERS = 30
@@ -530,7 +534,7 @@ def main() -> None:
         date=date,
         revision=git_revision(),
         machine=machine_info(),
-        flags=cpu_flags_all(),
+        flags=cpu_flags(KERNEL_FLAGS),
         isa=kernels.isa(),
     )
     res["overhead"] = section_overhead(args)
@@ -544,18 +548,6 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     stem.with_suffix(".md").write_text(render(res))
     print(f"wrote {stem}.md and .json")
-
-
-def cpu_flags_all() -> str:
-    """The flags the kernels' paths depend on (and common.py's usual ones)."""
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni")
-    mine = [f for f in wanted if f in flags]
-    return " ".join(dict.fromkeys(mine + cpu_flags().split()))
 
 
 if __name__ == "__main__":

@@ -165,14 +165,22 @@ def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
     rows_axis = batch if batch in mesh.shape and x2.shape[0] % mesh.shape[batch] == 0 else None
     matmul = kernels.block_matmul if _use_kernels(mesh) else kernels.block_matmul_reference
 
+    # A row-parallel weight split along its output (BlockWeight.__init__) gathers its output
+    # whole on every device, as the float model's output is: left split, XLA would reduce
+    # the next norm over the pieces and add them across devices, in another order than one
+    # device does (and int8 rounding of the next activations makes that a different token).
+    gather = n_axis is not None and rules.mesh_axis(w.n_axes[0]) != n_axis
+
     def local(x_loc, qs_loc, *scales):
         n = math.prod(qs_loc.shape[: len(w.n_axes)])
         scales = [s.reshape(n, -1) for s in scales] + [None] * (2 - len(scales))
-        return matmul(x_loc, qs_loc.reshape(n, -1, qs_loc.shape[-1]), *scales, w.fmt)
+        y_loc = matmul(x_loc, qs_loc.reshape(n, -1, qs_loc.shape[-1]), *scales, w.fmt)
+        return jax.lax.all_gather(y_loc, n_axis, axis=1, tiled=True) if gather else y_loc
 
     arrays = [x2, qs, d] + ([] if m is None else [m])
     specs = [P(rows_axis, None), P(*qs_spec)] + [P(*qs_spec[:-1])] * (len(arrays) - 2)
-    y = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(rows_axis, n_axis),
+    out_spec = P(rows_axis, None if gather else n_axis)
+    y = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec,
                       check_vma=False)(*arrays)  # fmt: skip
     return y.reshape(*lead, *n_shape)
 

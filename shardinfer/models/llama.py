@@ -82,25 +82,14 @@ class Attention(nnx.Module):
         groups = hq // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, d) * (d**-0.5)
         # Scores [B, kv_heads, groups, T, S] and the softmax in float32 whatever the compute
-        # dtype. The cached and the new keys are two score blocks sharing one softmax, rather
-        # than one concatenation (which would copy the whole cache every layer).
+        # dtype.
         scores = einsum_f32("btkgd,bksd->bkgts", q, k)
-        allowed = _visible(positions[:, :, None], positions[:, None, :], cfg.sliding_window)
-        blocks = [(jnp.where(allowed[:, None, None], scores, NEG_INF), v)]
-        if cache is not None:
-            cached = _cached_scores(q, cache.k)
-            slot_pos = jnp.arange(cache.v.shape[2])[None, None, :]
-            seen = slot_pos < positions[:, :1, None]  # only what earlier steps wrote
-            seen &= _visible(positions[:, :, None], slot_pos, cfg.sliding_window)
-            blocks.append((jnp.where(seen[:, None, None], cached, NEG_INF), cache.v))
-        top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s, _ in blocks])
-        exps = [jnp.exp(block_scores - top) for block_scores, _ in blocks]
-        total = sum(p.sum(-1, keepdims=True) for p in exps)
-        # Normalized before the cast to the compute dtype, as a plain softmax would be.
-        out = sum(
-            _weighted_values((p / total).astype(v.dtype), values)
-            for p, (_, values) in zip(exps, blocks, strict=True)
-        )  # fmt: skip
+        if cache is None:
+            allowed = _visible(positions[:, :, None], positions[:, None, :], cfg.sliding_window)
+            probs = _softmax(jnp.where(allowed[:, None, None], scores, NEG_INF))
+            out = _weighted_values(probs.astype(v.dtype), v)
+        else:
+            out = _attend_cache(q, scores, v, cache, positions, cfg.sliding_window)
         out = out.astype(v.dtype)  # [B, kv, groups, T, D]
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
         out = dense(out, self.o_proj, contract=2)
@@ -127,6 +116,35 @@ def _weighted_values(p, values):
         return einsum_f32("bkgts,bksd->bkgtd", p, values)
     product = p[:, :, :, 0, :, None].astype(jnp.float32) * values[:, :, None].astype(jnp.float32)
     return product.sum(axis=-2)[:, :, :, None, :]
+
+
+def _softmax(scores):
+    top = scores.max(-1, keepdims=True)
+    exps = jnp.exp(scores - top)
+    return exps / exps.sum(-1, keepdims=True)  # normalized before any cast, as jax.nn does
+
+
+def _attend_cache(q, own_scores, own_values, cache: LayerKV, positions, window: int | None):
+    """Decode: each row's one query against its cached keys before positions[:, 0] and its
+    own key (own_scores [B, kv, g, 1, 1]) -> [B, kv, g, 1, D] float32.
+
+    The own score is put into the cached scores at the row's position (the cache has room
+    for it: the step's k/v are written there after), so one softmax covers all S positions.
+    Two blocks (S and 1) would copy nothing either, but the 1-block's exp runs on B * heads
+    values, and XLA:CPU's exp differs in the last bit between its vector loop and its tail:
+    a row's result would then depend on how many rows share the step. Over S (a multiple of
+    the vector width) every value takes the vector loop, whatever the batch."""
+    cached = _cached_scores(q, cache.k)
+    slot_pos = jnp.arange(cache.v.shape[2])[None, None, :]
+    own = (slot_pos == positions[:, :1, None])[:, None, None]  # [B, 1, 1, 1, S]
+    seen = slot_pos < positions[:, :1, None]  # only what earlier steps wrote
+    seen &= _visible(positions[:, :, None], slot_pos, window)
+    probs = _softmax(jnp.where(own, own_scores, jnp.where(seen[:, None, None], cached, NEG_INF)))
+    own_probs = jnp.sum(jnp.where(own, probs, 0.0), axis=-1, keepdims=True)
+    dtype = own_values.dtype
+    return _weighted_values(jnp.where(own, 0.0, probs).astype(dtype), cache.v) + (
+        _weighted_values(own_probs.astype(dtype), own_values)
+    )
 
 
 def _visible(q_pos, k_pos, window: int | None):

@@ -52,6 +52,7 @@ def each_isa():
     if EXPECT_KERNEL:
         kernels._set_isa(None)
         kernels._set_threads(0, 4096)
+        kernels._set_gemm_min_rows(-1)
 
 
 def _use(isa):
@@ -309,6 +310,99 @@ def test_extreme_weights(fmt, each_isa):
     for isa in each_isa:
         _use(isa)
         np.testing.assert_array_equal(np.asarray(call(x, qs, d, m)), ref.astype(np.float32))
+
+
+# ---- the row-tiled path (prefill: many rows of x) -----------------------------------------------
+
+# M around and above the tile sizes (4 or 8 rows, 256-row chunks of x), N around the 8-row
+# weight panels (odd: a partial last panel), K with a block count that is not a multiple of 8.
+ROW_TILED_SHAPES = [
+    (15, 37, 96),
+    (16, 8, 576),
+    (17, 13, 576),
+    (63, 9, 160),
+    (64, 37, 576),
+    (65, 7, 1536),
+    (200, 23, 96),
+    (513, 17, 160),
+]
+
+
+def _row_paths(isa):
+    """(name, rows threshold) for each path a call of M rows can take: the row-tiled path
+    forced on every M, the default threshold, and the decode tiles forced (the old kernel)."""
+    return [("row-tiled", 1), ("default", -1), ("decode tiles", 10**9)] if isa else [(None, -1)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_row_tiled_path_matches_numpy(fmt, each_isa):
+    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
+    for m_rows, n, k in ROW_TILED_SHAPES:
+        x, qs, d, m = random_problem(fmt, m_rows, n, k)
+        ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
+        for isa in each_isa:
+            _use(isa)
+            for path, rows in _row_paths(isa):
+                if path:
+                    kernels._set_gemm_min_rows(rows)
+                what = f"{fmt} {isa} {path} M={m_rows} N={n} K={k}"
+                check(call(x, qs, d, m), ref, mag, what)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_row_tiled_path_integer_exact(fmt, each_isa):
+    """As test_kernel_integer_exact, at M = 65 through both paths, and q8_0's -128 / 127 and
+    q4's 0 / 15 against x at +-127 (the largest int16 sums of the AVX2 row-tiled path)."""
+    m_rows, n, k = 65, 21, 576
+    nb = k // 32
+    x, qs, _, _ = random_problem(fmt, m_rows, n, k, zero_blocks=False)
+    x = np.round(x * 30).astype(np.float32) + RNG.choice([0.0, 0.5, -0.5], x.shape)
+    x = np.clip(x, -126.5, 126.5).astype(np.float32)
+    xb = x.reshape(m_rows, nb, 32)
+    xb[:, :, 7] = np.where(RNG.random((m_rows, nb)) < 0.5, 127.0, -127.0)
+    xb[-4:] = np.where(RNG.random((4, nb, 32)) < 0.5, 127.0, -127.0)  # extremes
+    x = xb.reshape(m_rows, k)
+    if fmt == "q8_0":
+        qs[-3:] = np.where(RNG.random((3, nb, 32)) < 0.5, -128, 127).astype(np.int8)
+    else:
+        qs[-3:] = np.where(RNG.random((3, nb, 16)) < 0.5, 0x00, 0xFF).astype(np.uint8)
+    d = np.ones((n, nb), np.float16)
+    m = RNG.integers(-8, 9, (n, nb)).astype(np.float16) if fmt == "q4_1" else None
+    xq, dx = np_quantize(x)
+    assert np.all(dx == 1.0)
+    exact = np.einsum("mbi,nbi->mn", xq, np_weight_ints(qs, fmt))
+    if fmt == "q4_1":
+        exact = exact + np.einsum("mb,nb->mn", xq.sum(-1), m.astype(np.int64))
+    assert np.abs(exact).max() < 2**24
+    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
+    for isa in each_isa:
+        _use(isa)
+        for path, rows in _row_paths(isa):
+            if path:
+                kernels._set_gemm_min_rows(rows)
+            y = np.asarray(call(x, qs, d, m))
+            np.testing.assert_array_equal(
+                y, exact.astype(np.float32), err_msg=f"{fmt} {isa} {path}"
+            )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_row_tiled_path_threads(fmt, each_isa):
+    """The row-tiled path split over the pool in 8-row chunks (N odd: a partial last panel)."""
+    x, qs, d, m = random_problem(fmt, 70, 77, 192)
+    ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
+    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
+    for isa in each_isa:
+        _use(isa)
+        if isa is None:
+            check(call(x, qs, d, m), ref, mag, f"{fmt} fallback")
+            continue
+        kernels._set_gemm_min_rows(1)
+        kernels._set_threads(0, 0)
+        check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} row-tiled threaded")
+        stats = kernels._last_call()
+        assert stats["threads"] >= 2 and stats["chunks"] > 1, stats
+        kernels._set_threads(0, 4096)
 
 
 def test_raw_entry_matches_ffi_call():

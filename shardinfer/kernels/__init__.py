@@ -104,6 +104,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.ShardinferGgufSetIsa.argtypes = [ctypes.c_int]
                 lib.ShardinferGgufSetIsa.restype = ctypes.c_int
                 lib.ShardinferGgufSetThreads.argtypes = [ctypes.c_int, ctypes.c_longlong]
+                lib.ShardinferGgufSetGemmMinRows.argtypes = [ctypes.c_longlong]
                 lib.ShardinferGgufQuantizeX.argtypes = [
                     ctypes.c_void_p,
                     ctypes.c_longlong,
@@ -186,6 +187,15 @@ def _set_threads(n: int = 0, min_work: int = -1) -> None:
     if lib is None:
         raise RuntimeError(unavailable_reason())
     lib.ShardinferGgufSetThreads(n, min_work)
+
+
+def _set_gemm_min_rows(rows: int = -1) -> None:
+    """Tests and benchmarks: calls with at least `rows` rows of x take the row-tiled path (-1:
+    the default, 16; a huge value forces the decode tiles, the kernel as it was before it)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    lib.ShardinferGgufSetGemmMinRows(rows)
 
 
 def _last_call() -> dict:

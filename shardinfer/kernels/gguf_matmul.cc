@@ -68,6 +68,7 @@ struct Problem {
   const int32_t* xsum;   //   zero-padded
   const float* sx;       // dx * xsum
   float* y;              // [M, N]
+  bool gemm;             // the row-tiled path (x in XLayout::kNatural), else the decode tiles
 };
 
 }  // namespace shardinfer_gguf
@@ -183,6 +184,10 @@ static std::atomic<int> g_isa{g_best_isa};
 static std::atomic<int> g_max_threads{0};  // 0: the pool's size (+ the calling thread)
 // Below this many block dots (N * K/32 * M) a call stays on the calling thread.
 static std::atomic<int64_t> g_parallel_min{4096};
+// Calls with at least this many x rows take the row-tiled path (gguf_matmul_isa.h); measured
+// with benchmarks/kernels.py (section "prefill"): below it the decode tiles win.
+constexpr int64_t kGemmMinRowsDefault = 16;
+static std::atomic<int64_t> g_gemm_min_rows{kGemmMinRowsDefault};
 
 struct Kernels {
   void (*quantize)(const float*, int64_t, int64_t, XLayout, const Problem&);
@@ -328,9 +333,13 @@ static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, cons
   p.xsum = xsum;
   p.sx = sx;
   p.y = y;
+  p.gemm = M >= g_gemm_min_rows.load(std::memory_order_relaxed);
   const Kernels k = KernelsFor(isa);
   k.quantize(x, 0, M,
-             fmt == Fmt::kQ8_0 ? XLayout::kQ8Pairs : XLayout::kQ4Pairs, p);
+             p.gemm                ? XLayout::kNatural
+             : fmt == Fmt::kQ8_0 ? XLayout::kQ8Pairs
+                                 : XLayout::kQ4Pairs,
+             p);
   Compute(p, k, pool);
 }
 
@@ -431,6 +440,12 @@ __attribute__((visibility("default"))) int ShardinferGgufSetIsa(int isa) {
 __attribute__((visibility("default"))) void ShardinferGgufSetThreads(int n, long long min_work) {
   sg::g_max_threads.store(n < 0 ? 0 : n);
   if (min_work >= 0) sg::g_parallel_min.store(min_work);
+}
+
+// Calls with at least `rows` x rows take the row-tiled path (rows < 0: the default; a huge
+// value forces the decode tiles everywhere, for benchmarks and tests).
+__attribute__((visibility("default"))) void ShardinferGgufSetGemmMinRows(long long rows) {
+  sg::g_gemm_min_rows.store(rows < 0 ? sg::kGemmMinRowsDefault : rows);
 }
 
 // The last call's threading (any thread's): out[0] the intra-op pool's size (-1: none),

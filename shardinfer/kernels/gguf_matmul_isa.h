@@ -387,7 +387,198 @@ static void run_rows(const Problem& p, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// ---- many x rows: the row-tiled path (Problem::gemm) --------------------------------------------
+//
+// Why a second path: the tiles above re-load and re-unpack every weight block for each
+// SI_ISA_COLS rows of x and spend three horizontal adds per 8 blocks per (weight row, x row);
+// that is fine for decode, where the weights come from memory once, but with 64+ rows of x it is
+// all of the cost. Here a panel of kPanel (8) weight rows is unpacked once into the layout a dot
+// instruction wants and then used against every row of x:
+//
+//   panel block b, group j (0..7): one vector whose lane n holds w[n0 + n, b, 4j .. 4j + 3]
+//   (4 bytes, natural element order; q4: the nibble values, q8_0: w ^ 0x80 = w + 128 with VNNI,
+//   w as is on AVX2), so that dpbusd(acc, panel[b][j], broadcast(xq[m, b, 4j .. 4j + 3]))
+//   adds 4 products to each of 8 weight rows at once. After the 8 groups each lane holds the
+//   exact int32 dot of one weight row's block b with x row m's: no horizontal adds at all, and
+//   x is read in the natural layout (XLayout::kNatural, per-block values at their block index).
+//
+// Then, per block, the float work is the same as the tiles': y += d * dx * idot (+ m * sx), in
+// block order. A tile is kGemmRows rows of x against one panel, the panel's 8 weight vectors of
+// a block held in registers across those rows. x is walked in chunks of kGemmMChunk rows (so it
+// stays in L2 while the panels stream), each panel unpacked once per chunk.
+
+constexpr int kPanel = 8;
+#if SI_ISA_EVEX
+constexpr int kGemmRows = 8;  // 32 vector registers: 8 weights + 8 accumulators + temps
+#else
+constexpr int kGemmRows = 4;  // 16 registers
+#endif
+constexpr int64_t kGemmMChunk = 256;
+
+// Weight rows [n0, n0 + nvalid) (nvalid <= 8; missing lanes are zero and never stored) into the
+// panel layout: w [nb][8 groups][8 rows][4 bytes], d (and m) as float [nb][8 rows].
+template <Fmt F>
+static void pack_panel(const Problem& p, int64_t n0, int nvalid, uint8_t* wp, float* dp,
+                       float* mp) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(nvalid), lane);
+  const __m256i offs = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(p.qs_row_bytes)));
+  const uint8_t* base = p.qs + n0 * p.qs_row_bytes;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m256i* out = reinterpret_cast<__m256i*>(wp + 256 * b);
+    // A masked gather reads nothing for the lanes past nvalid.
+    if constexpr (F == Fmt::kQ8_0) {
+      for (int j = 0; j < 8; ++j) {
+        __m256i v = _mm256_mask_i32gather_epi32(
+            _mm256_setzero_si256(), reinterpret_cast<const int*>(base + 32 * b + 4 * j), offs,
+            valid, 1);
+#if SI_ISA_VNNI
+        v = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
+#endif
+        _mm256_store_si256(out + j, v);
+      }
+    } else {
+      // Bytes 4j .. 4j + 3 hold elements 4j .. (low nibbles) and 16 + 4j .. (high nibbles).
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_mask_i32gather_epi32(
+            _mm256_setzero_si256(), reinterpret_cast<const int*>(base + 16 * b + 4 * j), offs,
+            valid, 1);
+        _mm256_store_si256(out + j, _mm256_and_si256(v, low4));
+        _mm256_store_si256(out + 4 + j, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+      }
+    }
+    alignas(16) uint16_t hd[8] = {0, 0, 0, 0, 0, 0, 0, 0}, hm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < nvalid; ++i) {
+      hd[i] = p.d[(n0 + i) * p.nb + b];
+      if constexpr (F == Fmt::kQ4_1) hm[i] = p.m[(n0 + i) * p.nb + b];
+    }
+    _mm256_store_ps(dp + 8 * b, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<__m128i*>(hd))));
+    if constexpr (F == Fmt::kQ4_1)
+      _mm256_store_ps(mp + 8 * b, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<__m128i*>(hm))));
+  }
+}
+
+static SI_INLINE __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// The exact int32 dots of one x block (32 bytes at xb) with the panel's block (w[8]), one per
+// lane, before the q4_0 / q8_0-VNNI offset correction.
+template <Fmt F>
+static SI_INLINE __m256i panel_block_dot(const __m256i (&w)[8], const int8_t* xb) {
+#if SI_ISA_VNNI
+  // Two chains of four so the dpbusd latency overlaps.
+  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+  SI_UNROLL
+  for (int j = 0; j < 8; j += 2) {
+    a0 = dot_u8s8(a0, w[j], bcast4(xb + 4 * j));
+    a1 = dot_u8s8(a1, w[j + 1], bcast4(xb + 4 * j + 4));
+  }
+  return _mm256_add_epi32(a0, a1);
+#else
+  if constexpr (F == Fmt::kQ8_0) {
+    // |w| times x with w's sign; each int16 pair sum <= 2 * 128 * 127, so widen every step.
+    __m256i a = _mm256_setzero_si256();
+    SI_UNROLL
+    for (int j = 0; j < 8; ++j)
+      a = dot_u8s8(a, _mm256_abs_epi8(w[j]), _mm256_sign_epi8(bcast4(xb + 4 * j), w[j]));
+    return a;
+  } else {
+    // Nibbles: each int16 pair sum <= 2 * 15 * 127, so all 8 groups add up in int16
+    // (8 * 3810 = 30480 < 32767) before one widening madd.
+    __m256i s = _mm256_setzero_si256();
+    SI_UNROLL
+    for (int j = 0; j < 8; ++j)
+      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[j], bcast4(xb + 4 * j)));
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+  }
+#endif
+}
+
+// x rows [m0, m0 + MT) against the packed panel of weight rows [n0, n0 + nvalid).
+template <Fmt F, int MT>
+static void gemm_tile(const Problem& p, const uint8_t* wp, const float* dp, const float* mp,
+                      int64_t m0, int64_t n0, int nvalid) {
+  __m256 acc[MT];
+  SI_UNROLL
+  for (int r = 0; r < MT; ++r) acc[r] = _mm256_setzero_ps();
+  constexpr int kShift = F == Fmt::kQ4_0 ? 3 : (F == Fmt::kQ8_0 && SI_ISA_VNNI) ? 7 : 0;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m256i w[8];
+    SI_UNROLL
+    for (int j = 0; j < 8; ++j)
+      w[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(wp + 256 * b + 32 * j));
+    const __m256 dv = _mm256_load_ps(dp + 8 * b);
+    __m256 mv = _mm256_setzero_ps();
+    if constexpr (F == Fmt::kQ4_1) mv = _mm256_load_ps(mp + 8 * b);
+    SI_UNROLL
+    for (int r = 0; r < MT; ++r) {
+      const int64_t m = m0 + r;
+      __m256i dots = panel_block_dot<F>(w, p.xq + m * p.xq_row_bytes + 32 * b);
+      if constexpr (kShift != 0)
+        dots = _mm256_sub_epi32(dots, _mm256_set1_epi32(p.xsum[m * p.nb_pad + b] << kShift));
+      const __m256 scale = _mm256_mul_ps(dv, _mm256_set1_ps(p.dx[m * p.nb_pad + b]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[r]);
+      if constexpr (F == Fmt::kQ4_1)
+        acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(p.sx[m * p.nb_pad + b]), acc[r]);
+    }
+  }
+  const __m256i store_mask =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(nvalid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  SI_UNROLL
+  for (int r = 0; r < MT; ++r) {
+    float* out = p.y + (m0 + r) * p.n_total + n0;
+    if (nvalid == kPanel)
+      _mm256_storeu_ps(out, acc[r]);
+    else
+      _mm256_maskstore_ps(out, store_mask, acc[r]);
+  }
+}
+
+// Output rows [n_begin, n_end) for every x row, by panels.
+template <Fmt F>
+static void run_gemm(const Problem& p, int64_t n_begin, int64_t n_end) {
+  // The unpacked panel: a per-thread buffer that only grows (8 rows: 256 bytes + 32 (+ 32) of
+  // scales per block).
+  static thread_local std::vector<unsigned char> buf;
+  const size_t wbytes = static_cast<size_t>(256 * p.nb), sbytes = static_cast<size_t>(32 * p.nb);
+  if (buf.size() < wbytes + 2 * sbytes + 64) buf.resize(wbytes + 2 * sbytes + 64);
+  const auto addr = (reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63};
+  auto* wp = reinterpret_cast<uint8_t*>(addr);
+  auto* dp = reinterpret_cast<float*>(addr + wbytes);
+  auto* mp = reinterpret_cast<float*>(addr + wbytes + sbytes);
+  for (int64_t mb = 0; mb < p.m_total; mb += kGemmMChunk) {
+    const int64_t me = mb + kGemmMChunk < p.m_total ? mb + kGemmMChunk : p.m_total;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {
+      const int nvalid = static_cast<int>(n_end - n0 < kPanel ? n_end - n0 : kPanel);
+      pack_panel<F>(p, n0, nvalid, wp, dp, mp);
+      int64_t m = mb;
+      for (; m + kGemmRows <= me; m += kGemmRows) gemm_tile<F, kGemmRows>(p, wp, dp, mp, m, n0, nvalid);
+      if constexpr (kGemmRows > 4)
+        for (; m + 4 <= me; m += 4) gemm_tile<F, 4>(p, wp, dp, mp, m, n0, nvalid);
+      for (; m < me; ++m) gemm_tile<F, 1>(p, wp, dp, mp, m, n0, nvalid);
+    }
+  }
+}
+
 static void run(const Problem& p, int64_t n_begin, int64_t n_end) {
+  if (p.gemm) {
+    switch (p.fmt) {
+      case Fmt::kQ8_0:
+        run_gemm<Fmt::kQ8_0>(p, n_begin, n_end);
+        break;
+      case Fmt::kQ4_0:
+        run_gemm<Fmt::kQ4_0>(p, n_begin, n_end);
+        break;
+      case Fmt::kQ4_1:
+        run_gemm<Fmt::kQ4_1>(p, n_begin, n_end);
+        break;
+    }
+    return;
+  }
   switch (p.fmt) {
     case Fmt::kQ8_0:
       run_rows<Fmt::kQ8_0>(p, n_begin, n_end);

@@ -4,7 +4,7 @@
     python benchmarks/kernels.py --repeats 5 --loop 50
     python benchmarks/kernels.py --render benchmarks/results/kernels-cpu-<date>.json  # redraw
 
-Sections (M = 1, one token, except 3):
+Sections (M = 1, one token, except 3 and 6):
 
 1. SmolLM2-135M's matmul shapes (K=576: N=576, 192, 1536; K=1536: N=576; the tied lm_head
    N=49152, K=576), in q4_1 and q8_0: the kernel with XLA's intra-op pool (the default) and
@@ -24,6 +24,11 @@ Sections (M = 1, one token, except 3):
    iteration; and a jitted call from Python (with dispatch).
 5. llama.cpp's batch-1 decode time per token on the same GGUF (2 threads), when llama_cpp is
    importable, as a bound: its step does these matmuls and everything else.
+6. Prefill (`--prefill-only` runs just this, printing): SmolLM2's layer shapes with layer 0's
+   weights at M = 1, 8, 32, 64, 512: the kernel as shipped, the kernel forced onto its decode
+   tiles (the kernel before its row-tiled path), XLA's int8 x int8 -> int32 dot (w8a8's core)
+   and an XLA float32 dot; and the totals for one prompt's matmuls (30 layers + the lm_head on
+   the last token).
 
 "Other load" is the CPU (in cores) that other processes used while a section ran (common.py):
 above ~0.1 the numbers are noisy; the 2-core machines here are shared.
@@ -99,7 +104,10 @@ def loop_time(fn, x, w, loop: int, repeats: int) -> tuple[float, float]:
     @jax.jit
     def run(x, w):
         def body(_, x):
-            return x * (1.0 + 1e-30 * fn(x, w)[0, 0])
+            y00 = fn(x, w)[0, 0]
+            if jnp.issubdtype(x.dtype, jnp.integer):  # int8 x: a change that never happens
+                return x + (y00 == jnp.iinfo(y00.dtype).min).astype(x.dtype)
+            return x * (1.0 + 1e-30 * y00)
 
         return jax.lax.fori_loop(0, loop, body, x)
 
@@ -155,6 +163,100 @@ def section_shapes(args) -> list[dict]:
                 flush=True,
             )
     return rows
+
+
+def int8_fn(x, w):
+    """What w8a8 mode's matmul does at its core: XLA's int8 x int8 -> int32 dot (this CPU's
+    oneDNN path, AMX where the CPU has amx_int8); its rounding of x and rescaling not included."""
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+PREFILL_ROWS = (1, 8, 32, 64, 512)
+
+
+def section_prefill(args, path) -> list[dict]:
+    """SmolLM2's layer shapes (layer 0's real weights when the GGUF is there) at M rows of x:
+    the kernel (default: row-tiled path from 16 rows), the kernel forced onto its decode tiles
+    (the kernel before the row-tiled path), XLA's int8 dot and an XLA float32 dot. All with
+    XLA's intra-op pool (the kernel: pool + caller)."""
+    weights, _ = model_weights(path)
+    groups = {"q/o": 0, "k/v": 1, "gate/up": 4, "down": 6}  # index into layer 0's 7 matmuls
+    rows = []
+    kernels._set_threads(0)
+    for group, i in groups.items():
+        fmt, w = weights[i]
+        n, k = w[0].shape[0], w[0].shape[1] * 32
+        wj = tuple(None if a is None else jnp.asarray(a) for a in w)
+        wf = jnp.asarray(dequantized(w, fmt))
+        w8 = jnp.asarray(RNG.integers(-127, 128, (n, k), dtype=np.int8))
+        for m_rows in PREFILL_ROWS:
+            xf = RNG.standard_normal((m_rows, k)).astype(np.float32)
+            x = jnp.asarray(xf)
+            x8 = jnp.asarray(np.clip(np.round(xf * 40), -127, 127).astype(np.int8))
+            loop = max(3, min(args.loop, 20000 // (m_rows * 8)))
+            load = cpu_times()
+            kernels._set_gemm_min_rows(-1)
+            t_new = loop_time(kernel_fn(fmt), x, wj, loop, args.repeats)[0]
+            kernels._set_gemm_min_rows(10**9)
+            t_old = loop_time(kernel_fn(fmt), x, wj, loop, args.repeats)[0]
+            kernels._set_gemm_min_rows(-1)
+            t_i8 = loop_time(int8_fn, x8, w8, loop, args.repeats)[0]
+            t_f32 = loop_time(f32_fn, x, wf, loop, args.repeats)[0]
+            rows.append(
+                dict(
+                    group=group,
+                    fmt=fmt,
+                    n=n,
+                    k=k,
+                    m=m_rows,
+                    kernel_us=t_new * 1e6,
+                    decode_tiles_us=t_old * 1e6,
+                    xla_int8_us=t_i8 * 1e6,
+                    f32_dot_us=t_f32 * 1e6,
+                    other_load=other_load(load),
+                )
+            )
+            print("prefill:", json.dumps(rows[-1]), flush=True)
+    # the tied lm_head only ever sees the last token
+    fmt, w = weights[-1]
+    n, k = w[0].shape[0], w[0].shape[1] * 32
+    wj = tuple(None if a is None else jnp.asarray(a) for a in w)
+    x = jnp.asarray(RNG.standard_normal((1, k)).astype(np.float32))
+    w8 = jnp.asarray(RNG.integers(-127, 128, (n, k), dtype=np.int8))
+    x8 = jnp.asarray(RNG.integers(-127, 128, (1, k), dtype=np.int8))
+    load = cpu_times()
+    t_new = loop_time(kernel_fn(fmt), x, wj, 20, args.repeats)[0]
+    t_i8 = loop_time(int8_fn, x8, w8, 20, args.repeats)[0]
+    wf = jnp.asarray(dequantized(w, fmt))
+    t_f32 = loop_time(f32_fn, x, wf, 20, args.repeats)[0]
+    del wf
+    row = dict(group="lm_head", fmt=fmt, n=n, k=k, m=1, kernel_us=t_new * 1e6)
+    row.update(decode_tiles_us=t_new * 1e6, xla_int8_us=t_i8 * 1e6, f32_dot_us=t_f32 * 1e6)
+    row["other_load"] = other_load(load)
+    rows.append(row)
+    print("prefill:", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# matmuls per layer in each group
+PREFILL_PER_LAYER = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}
+
+
+def prefill_totals(rows: list[dict]) -> dict:
+    """ms of one prompt's matmuls (30 layers, + the lm_head on the last token) at each M."""
+    head = next(r for r in rows if r["group"] == "lm_head")
+    out = {}
+    for m_rows in sorted({r["m"] for r in rows if r["group"] != "lm_head"}):
+        tot = {}
+        for key in ("kernel_us", "decode_tiles_us", "xla_int8_us", "f32_dot_us"):
+            layer = sum(
+                PREFILL_PER_LAYER[r["group"]] * r[key]
+                for r in rows
+                if r["m"] == m_rows and r["group"] in PREFILL_PER_LAYER
+            )
+            tot[key.replace("_us", "_ms")] = (LAYERS * layer + head[key]) / 1e3
+        out[str(m_rows)] = tot
+    return out
 
 
 def section_batches(args) -> list[dict]:
@@ -444,6 +546,41 @@ def render(res: dict) -> str:
             f"{b['reference_us']:.1f} | {b['f32_dot_us']:.1f} | "
             f"{b['f32_dot_us'] / b['kernel_us']:.2f}x | {b['other_load']:.2f} |"
         )
+    if "prefill" in res:
+        lines += [
+            "",
+            "## Prefill: SmolLM2's shapes at M rows of x",
+            "",
+            "µs per call (min over loops), layer 0's weights. *kernel*: `block_matmul` as "
+            "shipped (the row-tiled path from 16 rows); *decode tiles*: the same kernel forced "
+            "onto its decode tiles (what it did before the row-tiled path); *XLA int8*: an "
+            "int8 x int8 -> int32 `dot_general` (w8a8's core, without its rounding of x); "
+            "*XLA f32*: a float32 dot of the dequantized weight.",
+            "",
+            "| shapes | fmt | N x K | M | kernel µs | decode tiles µs | XLA int8 µs | "
+            "XLA f32 µs | kernel GMAC/s | other load |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in res["prefill"]:
+            gmac = r["m"] * r["n"] * r["k"] / r["kernel_us"] / 1e3
+            lines.append(
+                f"| {r['group']} | {r['fmt']} | {r['n']} x {r['k']} | {r['m']} | "
+                f"{r['kernel_us']:.1f} | {r['decode_tiles_us']:.1f} | {r['xla_int8_us']:.1f} | "
+                f"{r['f32_dot_us']:.1f} | {gmac:.0f} | {r['other_load']:.2f} |"
+            )
+        lines += [
+            "",
+            f"One prompt's matmuls ({LAYERS} layers of q, k, v, o, gate, up, down at M rows, "
+            "and the lm_head at 1 row), ms:",
+            "",
+            "| M | kernel | decode tiles | XLA int8 | XLA f32 |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for m_rows, t in res["prefill_totals"].items():
+            lines.append(
+                f"| {m_rows} | {t['kernel_ms']:.2f} | {t['decode_tiles_ms']:.2f} | "
+                f"{t['xla_int8_ms']:.2f} | {t['f32_dot_ms']:.2f} |"
+            )
     s = res["step"]
     lines += [
         "",
@@ -522,6 +659,9 @@ def main() -> None:
     p.add_argument("--step-repeats", type=int, default=15)
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--render", type=Path, help="rewrite the .md of this .json and stop")
+    p.add_argument(
+        "--prefill-only", action="store_true", help="only section 6 (printed, nothing written)"
+    )
     args = p.parse_args()
     if args.render:
         args.render.with_suffix(".md").write_text(render(json.loads(args.render.read_text())))
@@ -530,6 +670,9 @@ def main() -> None:
         sys.exit(f"kernels not available: {kernels.unavailable_reason()}")
     date = datetime.date.today().isoformat()
     path = gguf_path()
+    if args.prefill_only:
+        print(json.dumps(prefill_totals(section_prefill(args, path)), indent=1))
+        return
     res = dict(
         date=date,
         revision=git_revision(),
@@ -541,6 +684,8 @@ def main() -> None:
     res["shapes"] = section_shapes(args)
     res["pool_threads"] = kernels._last_call()["pool_threads"]
     res["batches"] = section_batches(args)
+    res["prefill"] = section_prefill(args, path)
+    res["prefill_totals"] = prefill_totals(res["prefill"])
     res["step"] = section_step(args, path)
     res["llama_cpp"] = section_llama_cpp(path)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,13 @@ it as float16 in its q8_0 blocks; keeping float32 is slightly more accurate). Th
 
 with ``wq = qs`` (q8_0) or ``nibble - 8`` (q4_0) or ``nibble`` (q4_1).
 
+Two paths compute that same math: with few rows of x (decode, M < 16) tiles of 4 weight rows x
+2 x rows that read each weight block once per call; with 16 or more (prefill) a row-tiled path
+that unpacks 8 weight rows at a time into the layout of the int8 dot instruction (AVX-512 /
+AVX-VNNI ``vpdpbusd``, AVX2 ``maddubs``) once and uses them against every row of x, so the
+unpacking is paid once per panel, not once per pair of x rows. Both compute every block dot
+exactly and add the per-block float terms in block order.
+
 Threads: each call splits N over XLA's intra-op thread pool (and the calling thread) when it has
 at least 4096 block dots (N * K/32 * M); SHARDINFER_GGUF_THREADS=n caps the threads per call
 (1: the calling thread only, better on a machine whose cores are busy with other work).

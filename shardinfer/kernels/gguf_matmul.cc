@@ -16,6 +16,12 @@
 // (avx512vnni + avx512vl), AVX-VNNI, or AVX2 + FMA + F16C. The per-set code is
 // gguf_matmul_isa.h, compiled three times with different targets; this file needs no -march.
 //
+// Two paths (gguf_matmul_isa.h), chosen per call by the number of x rows (g_gemm_min_rows, 16):
+// decode tiles (4 weight rows x 2 x rows, x in a pair layout, blocks reduced with horizontal
+// adds; the weights read once per call, which is what matters when they come from memory), and
+// for many rows the row-tiled path: 8 weight rows unpacked once into dpbusd's lane-per-row layout
+// and used against every x row (x in its natural layout). Same rounding, same exact block dots.
+//
 // Threads: the N rows are split into chunks, claimed from an atomic counter by the calling
 // thread and by helpers scheduled on XLA's intra-op thread pool (ffi::ThreadPool); the caller
 // waits only for chunks a helper has claimed, so a pool with no idle thread cannot deadlock it
@@ -263,7 +269,7 @@ static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
     const int cap = g_max_threads.load(std::memory_order_relaxed);
     if (cap > 0) threads = std::min<int64_t>(threads, cap);
   }
-  constexpr int64_t kRowAlign = 8;  // a multiple of every variant's tile rows
+  constexpr int64_t kRowAlign = 8;  // a multiple of every variant's tile rows and of kPanel
   if (threads <= 1 || p.n_total < 2 * kRowAlign) {
     k.run(p, 0, p.n_total);
     return;

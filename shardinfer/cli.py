@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--mesh", default=None, help="the mesh to shard while converting")
     conv.add_argument("--host-devices", type=int, default=None)
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
-    conv.add_argument("--quantize", default=None, choices=["int8", "w8a8", "q8_0", "q4_0"],
+    conv.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
                       help="store int8 or block weights")  # fmt: skip
 
     info = sub.add_parser("info", help="devices, processes, version")

@@ -29,6 +29,7 @@ from shardinfer.weights.host_cache import DEFAULT_WEIGHT_CACHE_DIR, WeightCache
 from shardinfer.weights.loader import load_params, param_shardings
 from shardinfer.weights.orbax_io import (
     is_checkpoint,
+    read_block_formats,
     read_checkpoint_config,
     restore_params,
     save_checkpoint,
@@ -138,13 +139,16 @@ class Model:
         if self.family.kind != "decoder":
             # Its pooling (sentence-transformers' modules.json) is not part of a checkpoint.
             raise ValueError("saving an encoder as a shardinfer checkpoint is not supported")
-        if self.quantize == "gguf":  # each weight's format came from the file, not the config
-            raise ValueError("a model loaded with quantize='gguf' cannot be saved yet; convert "
-                             "the GGUF file with quantize='q8_0' or 'q4_0' instead")  # fmt: skip
+        # quantize="gguf": each weight's format came from the file, so the checkpoint lists them.
+        formats = block_formats(self.graphdef, self.state) if self.quantize == "gguf" else None
         # Always the stacked form on disk (models/layer_forms.py).
-        _, stacked = abstract_model(self.config, self.sharder, self.dtype, self.quantize, "scan")
+        graphdef, stacked = abstract_model(self.config, self.sharder, self.dtype, self.quantize,
+                                           "scan")  # fmt: skip
+        if formats:
+            graphdef, stacked = with_block_formats(graphdef, stacked, formats)
         state = convert_layers(self.state, stacked, param_shardings(stacked, self.sharder))
-        save_checkpoint(Path(path), self.config, state, self.dtype, self.tokenizer, self.quantize)
+        save_checkpoint(Path(path), self.config, state, self.dtype, self.tokenizer, self.quantize,
+                        formats)  # fmt: skip
 
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state))
@@ -176,6 +180,39 @@ def _full_logits(graphdef, state, tokens):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     hidden, _ = model(tokens, positions)
     return model.logits(hidden)
+
+
+def _block_key(path) -> str:
+    """A block weight's name with its layer index left out (one format per stacked weight)."""
+    return ".".join(str(p) for p in path if not isinstance(p, int))
+
+
+def block_formats(graphdef, state) -> dict[str, str]:
+    """Each block weight's format, by name (layers folded: a checkpoint stacks them, so the
+    layers of one weight must share it)."""
+    formats: dict[str, set[str]] = {}
+    for path, block in nnx.iter_modules(nnx.merge(graphdef, state)):
+        if isinstance(block, BlockWeight):
+            formats.setdefault(_block_key(path), set()).add(block.fmt)
+    mixed = sorted(key for key, found in formats.items() if len(found) > 1)
+    if mixed:
+        raise ValueError(
+            f"cannot save: the layers of {', '.join(mixed)} hold different block formats, "
+            "and a checkpoint stacks each weight's layers in one array"
+        )
+    return {key: found.pop() for key, found in formats.items()}
+
+
+def with_block_formats(graphdef, abstract, formats: dict[str, str]) -> tuple:
+    """The abstract model with each block weight in the format `formats` names for it."""
+    module = nnx.merge(graphdef, abstract)
+    for path, block in nnx.iter_modules(module):
+        if isinstance(block, BlockWeight):
+            key = _block_key(path)
+            if key not in formats:
+                raise ValueError(f"the checkpoint names no block format for {key}")
+            block.reformat(formats[key])
+    return nnx.split(module)
 
 
 def file_block_formats(graphdef, abstract, gguf: GGUFFile, config) -> tuple:
@@ -329,9 +366,13 @@ def _load(source, kind, mesh, dtype, rules, quantize, layer_loop, weight_cache) 
                 f"convert the original checkpoint with quantize={quantize!r}"
             )
         mode = quantize or stored
-        _, on_disk = abstract_model(config, sharder, dtype, mode, "scan")
-        state = restore_params(path, on_disk, param_shardings(on_disk, sharder))
+        formats = read_block_formats(path) if mode == "gguf" else None
+        disk_graphdef, on_disk = abstract_model(config, sharder, dtype, mode, "scan")
         graphdef, abstract = abstract_model(config, sharder, dtype, mode, loop)
+        if formats is not None:  # a quantize="gguf" model: its weights' formats from the file
+            _, on_disk = with_block_formats(disk_graphdef, on_disk, formats)
+            graphdef, abstract = with_block_formats(graphdef, abstract, formats)
+        state = restore_params(path, on_disk, param_shardings(on_disk, sharder))
         state = convert_layers(state, abstract, param_shardings(abstract, sharder))
         tokenizer = Tokenizer.from_hf_dir(path)
         src = str(source)

@@ -4,6 +4,8 @@ mesh, q8_0 / q4_0 from a Hugging Face checkpoint, checkpoints of block weights, 
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -201,6 +203,22 @@ def test_a_block_checkpoint_restores_on_another_mesh(tiny_llama, tmp_path):
     np.testing.assert_allclose(restored.logits(tokens), model.logits(tokens), atol=1e-3)
 
 
+def test_a_gguf_model_saves_with_its_formats_and_restores_bit_for_bit(tmp_path):
+    """quantize="gguf" keeps each weight's format from the file (Q4_1 layers, a Q8_0 table
+    here): the checkpoint (stacked, as always) lists them, the blocks come back as they were
+    on another mesh, and the logits are the same bits (every mesh computes whole elements).
+    A scan-loop program is another XLA program: it is only close (the int8 rounding again).
+    """
+    tokens = np.random.default_rng(7).integers(0, 49152, (2, 16))
+    model = si.load_model("smollm2-135m-instruct", mesh="model=8", quantize="gguf")
+    model.save(tmp_path / "ckpt")
+    restored = si.load_model(tmp_path / "ckpt", mesh="data=2,model=4")
+    assert restored.quantize == "gguf" and restored.weight_bytes() == model.weight_bytes()
+    found = {getattr(v, "block_format", None) for _, v in nnx.to_flat_state(restored.state)}
+    assert found == {None, "q4_1", "q8_0"}
+    np.testing.assert_array_equal(restored.logits(tokens), model.logits(tokens))
+
+
 def test_bad_block_requests_are_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="quantize='gguf' keeps a GGUF file's blocks"):
         si.load_model(tiny_llama, mesh="data=8", quantize="gguf")
@@ -209,5 +227,11 @@ def test_bad_block_requests_are_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="unknown quantize mode 'q5_0'; supported: int8, w8a8"):
         si.load_model(tiny_llama, mesh="data=8", quantize="q5_0")
     model = si.load_model("smollm2-135m-instruct", mesh="data=8", quantize="gguf")
-    with pytest.raises(ValueError, match="cannot be saved yet"):
-        model.save(tmp_path / "gguf")
+    model.save(tmp_path / "gguf")
+    marker = next(f for f in (tmp_path / "gguf").iterdir() if f.suffix == ".json"
+                  and "block_formats" in f.read_text())  # fmt: skip
+    meta = json.loads(marker.read_text())
+    del meta["block_formats"]
+    marker.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="stores quantize='gguf' weights but lists no block"):
+        si.load_model(tmp_path / "gguf", mesh="data=8")

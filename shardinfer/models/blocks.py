@@ -162,7 +162,11 @@ def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
     qs_spec = _padded(w.sharder.spec(w.qs.logical_axes[-qs.ndim :], qs.shape), qs.ndim)
     n_axis = qs_spec[0]  # the only axis a block weight is split on (BlockWeight.__init__)
     batch = rules.mesh_axis("batch")
-    rows_axis = batch if batch in mesh.shape and x2.shape[0] % mesh.shape[batch] == 0 else None
+    # Rows split over the batch's mesh axis only where the batch itself divides it, as the
+    # activations around are: splitting the flattened rows of a batch that doesn't would cut
+    # the sequence, and XLA would then run the attention after it on other shapes.
+    splits = batch in mesh.shape and lead and lead[0] % mesh.shape[batch] == 0
+    rows_axis = batch if splits else None
     matmul = kernels.block_matmul if _use_kernels(mesh) else kernels.block_matmul_reference
 
     # A row-parallel weight split along its output (BlockWeight.__init__) gathers its output

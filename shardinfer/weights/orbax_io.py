@@ -31,7 +31,10 @@ def save_checkpoint(
     dtype,
     tokenizer: Tokenizer | None,
     quantize: str | None,
+    block_formats: dict[str, str] | None = None,
 ) -> None:
+    """`block_formats`: each block weight's format by name, for quantize="gguf" (whose
+    weights keep the formats their file had; model.py `block_formats`)."""
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()):
         raise ValueError(f"{path} exists and is not empty; choose a new directory")
@@ -54,6 +57,8 @@ def save_checkpoint(
             "quantize": quantize,
             "config": config.to_dict(),
         }
+        if block_formats:
+            meta["block_formats"] = block_formats
         (path / MARKER).write_text(json.dumps(meta, indent=1))
 
 
@@ -77,6 +82,14 @@ def read_checkpoint_config(
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is unknown")
     config = meta["config"]
     return families(config.get("architecture")).config_type.from_dict(config), meta.get("quantize")
+
+
+def read_block_formats(path: Path) -> dict[str, str]:
+    """The block formats a quantize="gguf" checkpoint lists (see `save_checkpoint`)."""
+    formats = json.loads((path / MARKER).read_text()).get("block_formats")
+    if not isinstance(formats, dict) or not formats:
+        raise ValueError(f"{path} stores quantize='gguf' weights but lists no block formats")
+    return formats
 
 
 def restore_params(path: Path, abstract: nnx.State, shardings: nnx.State) -> nnx.State:

@@ -83,12 +83,18 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, cfg.num_kv_heads, groups, d) * (d**-0.5)
         # Scores [B, kv_heads, groups, T, S] and the softmax in float32 whatever the compute
         # dtype.
-        scores = einsum_f32("btkgd,bksd->bkgts", q, k)
         if cache is None:
+            # Queries ordered [B, kv, groups * T, D] first (a copy of q, small beside the
+            # scores): each kv head is then one plain matmul whose scores come out in the
+            # order the softmax reads, with no copy of the [.., T, S] scores between.
+            q_rows = q.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, groups * t, d)
+            scores = einsum_f32("bkmd,bksd->bkms", q_rows, k).reshape(b, -1, groups, t, t)
             allowed = _visible(positions[:, :, None], positions[:, None, :], cfg.sliding_window)
             probs = _softmax(jnp.where(allowed[:, None, None], scores, NEG_INF))
-            out = _weighted_values(probs.astype(v.dtype), v)
+            probs = probs.astype(v.dtype).reshape(b, -1, groups * t, t)
+            out = einsum_f32("bkms,bksd->bkmd", probs, v).reshape(b, -1, groups, t, d)
         else:
+            scores = einsum_f32("btkgd,bksd->bkgts", q, k)
             out = _attend_cache(q, scores, v, cache, positions, cfg.sliding_window)
         out = out.astype(v.dtype)  # [B, kv, groups, T, D]
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)

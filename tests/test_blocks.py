@@ -154,6 +154,14 @@ def test_gguf_greedy_tokens_are_the_same_on_every_mesh(greedy_by_mesh, chat_toke
     _same_until_a_near_tie(greedy_by_mesh["model"], chat_tokens[3], greedy_by_mesh[MESHES[0]])
 
 
+def test_gguf_greedy_tokens_do_not_depend_on_the_batch(greedy_by_mesh):
+    """Each chat alone (1 slot) gives the tokens it got beside the others (4 slots, 3 rows)."""
+    assert "one device" in greedy_by_mesh, "runs after the per-mesh test"
+    llm = si.LLM(greedy_by_mesh["model"], max_batch=1, max_seq_len=256)
+    for chat, together in zip(CHATS, greedy_by_mesh["one device"], strict=True):
+        assert list(llm.chat([chat], GREEDY)[0].token_ids) == together, chat
+
+
 def test_the_xla_path_gives_the_kernels_tokens(greedy_by_mesh):
     """The fallback (XLA) path: the same math, summed in another order."""
     from shardinfer import kernels

@@ -335,7 +335,10 @@ def _varying(a) -> frozenset:
     return frozenset(getattr(mat, "varying", None) or ())
 
 
-def _ffi_matmul(ops: tuple, fmt: str, n: int) -> jax.Array:
+_PATHS = {None: 0, False: 1, True: 2}  # gguf_matmul.cc `Path`
+
+
+def _ffi_matmul(ops: tuple, fmt: str, n: int, row_tiled: bool | None) -> jax.Array:
     # Inside shard_map an FFI call needs all its operands varying over the same mesh axes; its
     # result (from per-device weight shards) varies over them too, which pcast records (a no-op
     # when run).
@@ -351,14 +354,19 @@ def _ffi_matmul(ops: tuple, fmt: str, n: int) -> jax.Array:
         jax.ShapeDtypeStruct((ops[0].shape[0], n), jnp.float32),
         vmap_method="sequential",
     )
-    y = call(*ops)
+    y = call(*ops, path=np.int32(_PATHS[row_tiled]))
     if axes and _varying(y) != axes:
         y = jax.lax.pcast(y, tuple(sorted(axes - _varying(y), key=str)), to="varying")
     return y
 
 
-def block_matmul(x, qs, d, m, fmt: str) -> jax.Array:
+def block_matmul(x, qs, d, m, fmt: str, row_tiled: bool | None = None) -> jax.Array:
     """``x @ w.T`` for a GGUF block weight (module docstring): float32 [M, N] for x [M, K].
+
+    `row_tiled` picks the kernel's path: None by the rows (the row-tiled one from 16), True or
+    False that one whatever M. Both compute the math above; their float sums over blocks go in
+    different orders, so pin it where a row must come out the same bits however many rows
+    share the call (the model does: prefill row-tiled, decode not). XLA's path ignores it.
 
     x is float32 [M, K] (any M >= 1; other float dtypes are converted; [..., K] works too and
     gives [..., N]). On CPU devices, with the compiled kernels `available()`, this is one call of
@@ -376,7 +384,7 @@ def block_matmul(x, qs, d, m, fmt: str) -> jax.Array:
     operands = (x2, qs, d) if m is None else (x2, qs, d, m)
 
     def on_cpu(*ops):
-        return _ffi_matmul(ops, fmt, n)
+        return _ffi_matmul(ops, fmt, n, row_tiled)
 
     def elsewhere(*ops):
         return block_matmul_reference(ops[0], ops[1], ops[2], ops[3] if len(ops) > 3 else None, fmt)

@@ -16,11 +16,14 @@
 // (avx512vnni + avx512vl), AVX-VNNI, or AVX2 + FMA + F16C. The per-set code is
 // gguf_matmul_isa.h, compiled three times with different targets; this file needs no -march.
 //
-// Two paths (gguf_matmul_isa.h), chosen per call by the number of x rows (g_gemm_min_rows, 16):
+// Two paths (gguf_matmul_isa.h), chosen per call by the caller (the `path` attribute) or else by
+// the number of x rows (g_gemm_min_rows, 16):
 // decode tiles (4 weight rows x 2 x rows, x in a pair layout, blocks reduced with horizontal
 // adds; the weights read once per call, which is what matters when they come from memory), and
 // for many rows the row-tiled path: 8 weight rows unpacked once into dpbusd's lane-per-row layout
-// and used against every x row (x in its natural layout). Same rounding, same exact block dots.
+// and used against every x row (x in its natural layout). Same rounding, same exact block dots,
+// but the float sums over blocks go in another order, so a row's last bits depend on the path:
+// a caller that needs them not to depend on how many rows share a call pins the path.
 //
 // Threads: the N rows are split into chunks, claimed from an atomic counter by the calling
 // thread and by helpers scheduled on XLA's intra-op thread pool (ffi::ThreadPool); the caller
@@ -304,10 +307,13 @@ static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
   }
 }
 
+// Which path a call takes: by its rows, the decode tiles, or the row-tiled path.
+enum Path : int32_t { kPathByRows = 0, kPathFewRows = 1, kPathRowTiled = 2 };
+
 // y [M, N] = x [M, 32 nb] times the blocks (qs, d, m) of N rows; pool may be null.
 static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, const uint8_t* qs,
                    const uint16_t* d, const uint16_t* m, int64_t N, float* y,
-                   ffi::ThreadPool* pool) {
+                   ffi::ThreadPool* pool, int32_t path = kPathByRows) {
   const int64_t qbytes = fmt == Fmt::kQ8_0 ? 32 : 16;
   const int64_t nb_pad = (nb + 7) / 8 * 8;
   const int64_t xq_row = 32 * ((nb + 1) / 2 * 2);
@@ -339,7 +345,8 @@ static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, cons
   p.xsum = xsum;
   p.sx = sx;
   p.y = y;
-  p.gemm = M >= g_gemm_min_rows.load(std::memory_order_relaxed);
+  p.gemm = path == kPathByRows ? M >= g_gemm_min_rows.load(std::memory_order_relaxed)
+                               : path == kPathRowTiled;
   const Kernels k = KernelsFor(isa);
   k.quantize(x, 0, M,
              p.gemm                ? XLayout::kNatural
@@ -350,7 +357,10 @@ static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, cons
 }
 
 static ffi::Error Run(Fmt fmt, ffi::ThreadPool* pool, ffi::AnyBuffer x, ffi::AnyBuffer qs,
-                      ffi::AnyBuffer d, const ffi::AnyBuffer* m, ffi::Result<ffi::AnyBuffer> y) {
+                      ffi::AnyBuffer d, const ffi::AnyBuffer* m, ffi::Result<ffi::AnyBuffer> y,
+                      int32_t path) {
+  if (path < kPathByRows || path > kPathRowTiled)
+    return ffi::Error::InvalidArgument("shardinfer GGUF kernels: path must be 0, 1 or 2");
   const int isa = g_isa.load(std::memory_order_relaxed);
   if (isa == kNone)
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
@@ -386,21 +396,21 @@ static ffi::Error Run(Fmt fmt, ffi::ThreadPool* pool, ffi::AnyBuffer x, ffi::Any
          static_cast<const uint8_t*>(qs.untyped_data()),
          static_cast<const uint16_t*>(d.untyped_data()),
          m != nullptr ? static_cast<const uint16_t*>(m->untyped_data()) : nullptr, N,
-         static_cast<float*>(y->untyped_data()), pool);
+         static_cast<float*>(y->untyped_data()), pool, path);
   return ffi::Error::Success();
 }
 
 static ffi::Error Q8_0(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qs, ffi::AnyBuffer d,
-                       ffi::Result<ffi::AnyBuffer> y) {
-  return Run(Fmt::kQ8_0, &pool, x, qs, d, nullptr, y);
+                       ffi::Result<ffi::AnyBuffer> y, int32_t path) {
+  return Run(Fmt::kQ8_0, &pool, x, qs, d, nullptr, y, path);
 }
 static ffi::Error Q4_0(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qs, ffi::AnyBuffer d,
-                       ffi::Result<ffi::AnyBuffer> y) {
-  return Run(Fmt::kQ4_0, &pool, x, qs, d, nullptr, y);
+                       ffi::Result<ffi::AnyBuffer> y, int32_t path) {
+  return Run(Fmt::kQ4_0, &pool, x, qs, d, nullptr, y, path);
 }
 static ffi::Error Q4_1(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qs, ffi::AnyBuffer d,
-                       ffi::AnyBuffer m, ffi::Result<ffi::AnyBuffer> y) {
-  return Run(Fmt::kQ4_1, &pool, x, qs, d, &m, y);
+                       ffi::AnyBuffer m, ffi::Result<ffi::AnyBuffer> y, int32_t path) {
+  return Run(Fmt::kQ4_1, &pool, x, qs, d, &m, y, path);
 }
 
 }  // namespace shardinfer_gguf
@@ -415,14 +425,17 @@ namespace sg = shardinfer_gguf;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferGgufQ8_0Matmul, sg::Q8_0,
                               SI_BIND_ARGS(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("path"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferGgufQ4_0Matmul, sg::Q4_0,
                               SI_BIND_ARGS(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("path"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferGgufQ4_1Matmul, sg::Q4_1,
                               SI_BIND_ARGS(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("path"));
 #pragma GCC visibility pop
 
 // Plain C helpers for the Python side (ctypes) and the tests.

@@ -647,7 +647,8 @@ def render(res: dict) -> str:
         "logits); its matmuls read the same 96 MB, so it bounds its matmul time from above.",
         "- The machine is a 2-core VM shared with other work; 'other load' above ~0.1 makes "
         "numbers noisy, and the threaded path suffers most (a helper thread preempted while "
-        "holding a chunk makes the caller wait). SHARDINFER_GGUF_THREADS=1 avoids that.",
+        "holding a chunk makes the caller wait). `--kernel-threads 1` "
+        "(kernels.set_threads(1)) avoids that.",
     ]
     return "\n".join(lines) + "\n"
 

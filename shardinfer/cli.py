@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
             help="directory for a GGUF file's dequantized weights ('none' to disable); "
             "env SHARDINFER_WEIGHT_CACHE",
         )
+        cmd.add_argument(
+            "--kernel-threads",
+            type=int,
+            default=int(os.environ.get("SHARDINFER_GGUF_THREADS", "0")),
+            help="threads per GGUF block matmul (0: XLA's pool; 1 is better on busy cores); "
+            "env SHARDINFER_GGUF_THREADS",
+        )
         cmd.add_argument("-v", "--verbose", action="store_true", help="log sharding decisions")
         cmd.add_argument(
             "--compilation-cache",
@@ -572,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "kernel_threads", 0):
+        from shardinfer import kernels
+
+        kernels.set_threads(args.kernel_threads)
     try:
         if args.command == "info":
             _info()

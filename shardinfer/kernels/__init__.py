@@ -31,8 +31,9 @@ unpacking is paid once per panel, not once per pair of x rows. Both compute ever
 exactly and add the per-block float terms in block order.
 
 Threads: each call splits N over XLA's intra-op thread pool (and the calling thread) when it has
-at least 4096 block dots (N * K/32 * M); SHARDINFER_GGUF_THREADS=n caps the threads per call
-(1: the calling thread only, better on a machine whose cores are busy with other work).
+at least 4096 block dots (N * K/32 * M); `set_threads(n)` caps the threads per call (1: the
+calling thread only, better on a machine whose cores are busy with other work; the command
+line's --kernel-threads).
 
 The kernel is a compiled library built when the package is installed (setup.py); `available()`
 says whether it loaded here (x86-64 with AVX2, FMA and F16C). `block_matmul` uses it on CPU
@@ -45,7 +46,6 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import logging
-import os
 import platform
 import threading
 from pathlib import Path
@@ -61,6 +61,7 @@ __all__ = [
     "block_matmul_reference",
     "isa",
     "quantize_x_reference",
+    "set_threads",
     "unavailable_reason",
 ]
 
@@ -129,9 +130,6 @@ def _load() -> ctypes.CDLL | None:
                     why = "GGUF block kernels need AVX2, FMA and F16C, which this CPU lacks"
                     lib = None
                 else:
-                    threads = os.environ.get("SHARDINFER_GGUF_THREADS", "").strip()
-                    if threads:
-                        lib.ShardinferGgufSetThreads(int(threads), -1)
                     for target, symbol, *_ in _FORMATS.values():
                         capsule = jax.ffi.pycapsule(getattr(lib, symbol))
                         jax.ffi.register_ffi_target(target, capsule, platform="cpu")
@@ -184,6 +182,16 @@ def _supported_isas() -> list[str]:
     if lib is None:
         return []
     return [_ISA_NAMES[i] for i in range(1, lib.ShardinferGgufBestIsa() + 1)]
+
+
+def set_threads(n: int = 0) -> None:
+    """At most `n` threads per kernel call (0: XLA's intra-op pool and the calling thread, the
+    default; 1: the calling thread only). Takes effect for calls from then on; nothing to do
+    where the kernels did not load."""
+    if n < 0:
+        raise ValueError(f"threads must be >= 0, got {n}")
+    if available():
+        _set_threads(n)
 
 
 def _set_threads(n: int = 0, min_work: int = -1) -> None:

@@ -230,15 +230,38 @@ SHAPES = [
 ]
 
 
+# M around and above the tile sizes (4 or 8 rows, 256-row chunks of x), N around the 8-row
+# weight panels (odd: a partial last panel), K with a block count that is not a multiple of 8.
+ROW_TILED_SHAPES = [
+    (15, 37, 96),
+    (16, 8, 576),
+    (17, 13, 576),
+    (63, 9, 160),
+    (64, 37, 576),
+    (65, 7, 1536),
+    (200, 23, 96),
+    (513, 17, 160),
+]
+
+
+def _row_paths(isa):
+    """(name, row_tiled) for each path a call can take: the row-tiled path pinned, the choice
+    by rows, the few-rows (decode) tiles pinned."""
+    return [("row-tiled", True), ("by rows", None), ("few rows", False)] if isa else [(None, None)]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kernel_matches_numpy(fmt, each_isa):
-    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
-    for m_rows, n, k in SHAPES:
+    """Every shape (few rows, and the row-tiled ones) through each path."""
+    for m_rows, n, k in SHAPES + ROW_TILED_SHAPES:
         x, qs, d, m = random_problem(fmt, m_rows, n, k)
         ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
         for isa in each_isa:
             _use(isa)
-            check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} M={m_rows} N={n} K={k}")
+            for path, row_tiled in _row_paths(isa):
+                call = jax.jit(partial(kernels.block_matmul, fmt=fmt, row_tiled=row_tiled))
+                what = f"{fmt} {isa} {path} M={m_rows} N={n} K={k}"
+                check(call(x, qs, d, m), ref, mag, what)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -314,40 +337,6 @@ def test_extreme_weights(fmt, each_isa):
 
 # ---- the row-tiled path (prefill: many rows of x) -----------------------------------------------
 
-# M around and above the tile sizes (4 or 8 rows, 256-row chunks of x), N around the 8-row
-# weight panels (odd: a partial last panel), K with a block count that is not a multiple of 8.
-ROW_TILED_SHAPES = [
-    (15, 37, 96),
-    (16, 8, 576),
-    (17, 13, 576),
-    (63, 9, 160),
-    (64, 37, 576),
-    (65, 7, 1536),
-    (200, 23, 96),
-    (513, 17, 160),
-]
-
-
-def _row_paths(isa):
-    """(name, rows threshold) for each path a call of M rows can take: the row-tiled path
-    forced on every M, the default threshold, and the decode tiles forced (the old kernel)."""
-    return [("row-tiled", 1), ("default", -1), ("decode tiles", 10**9)] if isa else [(None, -1)]
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_row_tiled_path_matches_numpy(fmt, each_isa):
-    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
-    for m_rows, n, k in ROW_TILED_SHAPES:
-        x, qs, d, m = random_problem(fmt, m_rows, n, k)
-        ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
-        for isa in each_isa:
-            _use(isa)
-            for path, rows in _row_paths(isa):
-                if path:
-                    kernels._set_gemm_min_rows(rows)
-                what = f"{fmt} {isa} {path} M={m_rows} N={n} K={k}"
-                check(call(x, qs, d, m), ref, mag, what)
-
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_row_tiled_path_integer_exact(fmt, each_isa):
@@ -374,12 +363,10 @@ def test_row_tiled_path_integer_exact(fmt, each_isa):
     if fmt == "q4_1":
         exact = exact + np.einsum("mb,nb->mn", xq.sum(-1), m.astype(np.int64))
     assert np.abs(exact).max() < 2**24
-    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
     for isa in each_isa:
         _use(isa)
-        for path, rows in _row_paths(isa):
-            if path:
-                kernels._set_gemm_min_rows(rows)
+        for path, row_tiled in _row_paths(isa):
+            call = jax.jit(partial(kernels.block_matmul, fmt=fmt, row_tiled=row_tiled))
             y = np.asarray(call(x, qs, d, m))
             np.testing.assert_array_equal(
                 y, exact.astype(np.float32), err_msg=f"{fmt} {isa} {path}"
@@ -443,10 +430,12 @@ def test_reference_matches_numpy(fmt):
 def test_reference_and_kernel_accept_leading_axes():
     x, qs, d, m = random_problem("q4_1", 6, 17, 64)
     ref, mag, _ = np_block_matmul(x, qs, d, m, "q4_1")
-    for fn in (kernels.block_matmul, kernels.block_matmul_reference):
+    # The reference dequantizes w = d * nibble + m to float32 first: each weight rounds once
+    # more, beside |m| which the block terms in `mag` do not count (10x, not 2x, for it).
+    for fn, slack in ((kernels.block_matmul, 2), (kernels.block_matmul_reference, 10)):
         y = fn(x.reshape(2, 3, 64), qs, d, m, "q4_1")
         assert y.shape == (2, 3, 17)
-        check(np.asarray(y).reshape(6, 17), ref, mag * 2, fn.__name__)
+        check(np.asarray(y).reshape(6, 17), ref, mag * slack, fn.__name__)
 
 
 # ---- under jit, vmap and shard_map -------------------------------------------------------------

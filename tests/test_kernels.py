@@ -285,35 +285,6 @@ def test_kernel_large_values_and_threads(fmt, each_isa):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_kernel_integer_exact(fmt, each_isa):
-    """With every scale 1 (d = 1, dx = 1: each x block's max |x| is 127) and integer m, the whole
-    computation is integer and below 2**24: the kernel must equal the exact sum, including x
-    values at exact halves (rounded away from zero)."""
-    m_rows, n, k = 5, 37, 576
-    nb = k // 32
-    x, qs, _, _ = random_problem(fmt, m_rows, n, k, zero_blocks=False)
-    x = np.round(x * 30).astype(np.float32) + RNG.choice([0.0, 0.5, -0.5], x.shape)
-    x = np.clip(x, -126.5, 126.5).astype(np.float32)
-    xb = x.reshape(m_rows, nb, 32)
-    xb[:, :, 7] = np.where(RNG.random((m_rows, nb)) < 0.5, 127.0, -127.0)
-    x = xb.reshape(m_rows, k)
-    d = np.ones((n, nb), np.float16)
-    m = RNG.integers(-8, 9, (n, nb)).astype(np.float16) if fmt == "q4_1" else None
-    xq, dx = np_quantize(x)
-    assert np.all(dx == 1.0)
-    wq = np_weight_ints(qs, fmt)
-    exact = np.einsum("mbi,nbi->mn", xq, wq)
-    if fmt == "q4_1":
-        exact = exact + np.einsum("mb,nb->mn", xq.sum(-1), m.astype(np.int64))
-    assert np.abs(exact).max() < 2**24
-    call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
-    for isa in each_isa:
-        _use(isa)
-        y = np.asarray(call(x, qs, d, m))
-        np.testing.assert_array_equal(y, exact.astype(np.float32), err_msg=f"{fmt} {isa}")
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
 def test_extreme_weights(fmt, each_isa):
     """q8_0's -128 and 127 everywhere against x at +-127 (the largest int16 pair sums of the
     AVX2 path); q4's nibbles 0 and 15."""
@@ -339,10 +310,13 @@ def test_extreme_weights(fmt, each_isa):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_row_tiled_path_integer_exact(fmt, each_isa):
-    """As test_kernel_integer_exact, at M = 65 through both paths, and q8_0's -128 / 127 and
-    q4's 0 / 15 against x at +-127 (the largest int16 sums of the AVX2 row-tiled path)."""
-    m_rows, n, k = 65, 21, 576
+@pytest.mark.parametrize("m_rows, n", [(5, 37), (65, 21)])
+def test_kernel_integer_exact(fmt, m_rows, n, each_isa):
+    """With every scale 1 (d = 1, dx = 1: each x block's max |x| is 127) and integer m, the whole
+    computation is integer and below 2**24: each path must equal the exact sum, including x
+    values at exact halves (rounded away from zero), and q8_0's -128 / 127 and q4's 0 / 15
+    against x at +-127 (the largest int16 sums of the AVX2 paths)."""
+    k = 576
     nb = k // 32
     x, qs, _, _ = random_problem(fmt, m_rows, n, k, zero_blocks=False)
     x = np.round(x * 30).astype(np.float32) + RNG.choice([0.0, 0.5, -0.5], x.shape)

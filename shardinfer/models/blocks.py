@@ -221,8 +221,6 @@ def use_kernels(enabled: bool) -> None:
 def _use_kernels(mesh) -> bool:
     """The compiled kernels serve CPU meshes when they loaded; otherwise XLA does the same
     math (said once per reason)."""
-    from shardinfer import kernels
-
     platform = mesh.devices.flat[0].platform
     if platform == "cpu" and kernels.available() and _settings["kernels"]:
         return True

@@ -2,8 +2,9 @@
 
 `block_matmul(x, qs, d, m, fmt)` is ``x @ w.T`` for a weight ``w`` [N, K] kept in GGUF's blocks of
 32 along K, computed as llama.cpp computes it: each 32-block of each row of ``x`` is rounded to
-int8 with its own float32 scale, the block dots are exact int32, and only the float sums over
-blocks may differ in order from `block_matmul_reference`, its XLA (jnp) twin.
+int8 with its own float32 scale, the block dots are exact int32, and the float terms per block
+are added in a fixed order per path. `block_matmul_reference`, its XLA (jnp) twin, adds them in
+the same order: on CPU the two give the same bits (what CPUs without the kernels run).
 
 Layouts (one plane per field; ``nb = K // 32``):
 
@@ -37,8 +38,9 @@ line's --kernel-threads).
 
 The kernel is a compiled library built when the package is installed (setup.py); `available()`
 says whether it loaded here (x86-64 with AVX2, FMA and F16C). `block_matmul` uses it on CPU
-devices when available and `block_matmul_reference` otherwise (other platforms, or no library),
-so it is always safe to call; `available()` tells which path CPU devices get.
+devices when available, `block_matmul_reference` on CPU devices otherwise, and
+`block_matmul_dequantized` (one float32 dot, the faster form for matrix units) on other
+platforms, so it is always safe to call; `available()` tells which path CPU devices get.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import logging
+import math
 import platform
 import threading
 from pathlib import Path
@@ -76,6 +79,7 @@ _FORMATS = {
 }
 FORMATS = tuple(_FORMATS)
 _ISA_NAMES = {1: "avx2", 2: "avxvnni", 3: "avx512vnni"}
+_GEMM_MIN_ROWS = 16  # gguf_matmul.cc kGemmMinRowsDefault: row_tiled=None picks by this
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": ctypes.CDLL | None, "why": str | None
@@ -320,10 +324,121 @@ def _dequantize(qs, d, m, fmt: str) -> jax.Array:
     return w.reshape(n, nb * BLOCK)
 
 
-def block_matmul_reference(x, qs, d, m, fmt: str) -> jax.Array:
-    """`block_matmul` in plain jnp (XLA): x rounded as the kernel rounds it, the weight
-    dequantized to float32, one float32 dot (precision HIGHEST). Any platform, jit-able;
-    x may be [..., K] (the result is then [..., N])."""
+def _weight_ints(qs, fmt: str) -> jax.Array:
+    """The weight's integers per block, int8 [N, nb, 32] (q4_0: nibble - 8, q4_1: nibble)."""
+    if fmt == "q8_0":
+        return qs
+    nibbles = jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(jnp.int8)
+    return nibbles - 8 if fmt == "q4_0" else nibbles
+
+
+# The reference's int32 block dots [nb, rows, N] are made this many bytes at most at a time.
+_REFERENCE_CHUNK_BYTES = 64 << 20
+
+
+def block_matmul_reference(x, qs, d, m, fmt: str, row_tiled: bool | None = None) -> jax.Array:
+    """`block_matmul` in plain jnp (XLA), bit for bit the kernel's result on CPU.
+
+    The same rounding of x, the same exact int32 block dots, and the per-block float terms
+    added in the order the kernel's path adds them (`row_tiled` as for `block_matmul`): the
+    row-tiled path one block after another, the decode tiles in 8 lanes of blocks b mod 8
+    that end in a fixed tree. Each step is ``acc = idot * (d * dx) + acc`` (``+ m * sx`` for
+    q4_1), which XLA:CPU, like the kernel, computes as one fused multiply-add (the term's
+    product written first: LLVM fuses the first operand's multiply). Any platform and
+    jit-able; x may be [..., K] (the result is then [..., N]). On GPUs and TPUs
+    `block_matmul_dequantized` is the faster twin (one float dot)."""
+    k, n, nb = _check(x, qs, d, m, fmt)
+    x = jnp.asarray(x, jnp.float32)
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    if rows == 0:
+        return jnp.zeros((*lead, n), jnp.float32)
+    tiled = rows >= _GEMM_MIN_ROWS if row_tiled is None else row_tiled
+    x2 = x.reshape(rows, k)
+    wq = _weight_ints(jnp.swapaxes(qs, 0, 1), fmt).astype(jnp.float32)  # [nb, N, 32]
+    dw = d.astype(jnp.float32).T  # [nb, N]
+    mw = None if m is None else m.astype(jnp.float32).T
+
+    def rows_of(xc):
+        xq, dx = quantize_x_reference(xc)  # [r, nb, 32], [r, nb]
+        # [nb, r, N]: integers (|.| < 2^24) exact in float32 whatever order XLA sums a block's
+        # 32 products in; a float dot is what XLA:CPU runs fastest.
+        idot = jax.lax.dot_general(
+            jnp.swapaxes(xq, 0, 1),
+            wq,
+            (((2,), (2,)), ((0,), (0,))),
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
+        dxt = dx.T[:, :, None]  # [nb, r, 1]
+        sxt = None
+        if mw is not None:
+            sxt = (dx * jnp.sum(xq.astype(jnp.int32), axis=-1).astype(jnp.float32)).T[:, :, None]
+
+        # Every sum starts at a zero XLA cannot see is zero, as the kernel's accumulators start
+        # at 0: so each term's product is fused with what it is added to (never left to be
+        # fused with whatever adds a lone product next, which the kernel would have rounded).
+        zero = dx[:, :1] - dx[:, :1]
+
+        def add_block(acc, b):
+            acc = _fma_step(idot[b], dw[b] * dxt[b], acc)
+            if mw is not None:
+                acc = _fma_step(mw[b], sxt[b], acc)
+            return acc
+
+        if tiled:
+            acc = zero
+            for b in range(nb):
+                acc = add_block(acc, b)
+            return acc
+        lanes = []
+        for lane in range(8):  # the decode tiles' lanes [b0 b2 b4 b6 b1 b3 b5 b7]
+            acc = jnp.broadcast_to(zero, (xc.shape[0], n))
+            for b in range(lane, nb, 8):
+                acc = add_block(acc, b)
+            lanes.append(acc)
+        # Their horizontal sum.
+        pairs = [lanes[0] + lanes[1], lanes[2] + lanes[3], lanes[4] + lanes[5], lanes[6] + lanes[7]]
+        return (pairs[0] + pairs[2]) + (pairs[1] + pairs[3])
+
+    def all_rows(x2):
+        chunk = max(1, _REFERENCE_CHUNK_BYTES // (4 * nb * max(n, 1)))
+        if rows <= chunk:
+            return rows_of(x2)
+        pieces = -(-rows // chunk)
+        padded = jnp.pad(x2, ((0, pieces * chunk - rows), (0, 0)))
+        return jax.lax.map(rows_of, padded.reshape(pieces, chunk, k)).reshape(-1, n)[:rows]
+
+    return _unfused(all_rows, x2).reshape(*lead, n)
+
+
+def _unfused(fn, x):
+    """fn(x), its result kept whole in memory, as a kernel's is, rather than fused into what
+    uses it: LLVM fuses a multiply and an add into one FMA only inside one fusion, so the
+    model's ops after the matmul (RoPE, the attention's reductions) would otherwise round as
+    they do not beside the kernel. XLA fuses through optimization barriers, but not out of a
+    while loop whose trip count it cannot see: this one runs once (twice if x[0, 0] is NaN)."""
+    out = jax.eval_shape(fn, x)
+    trips = 1 + (x[0, 0] != x[0, 0]).astype(jnp.int32)
+
+    def body(carry):
+        i, _ = carry
+        return i + 1, fn(x)
+
+    return jax.lax.while_loop(lambda c: c[0] < trips, body,
+                              (jnp.int32(0), jnp.zeros(out.shape, out.dtype)))[1]  # fmt: skip
+
+
+def _fma_step(a, b, acc):
+    """a * b + acc, the product first: LLVM fuses the first operand's multiply, as the kernel's
+    FMA does."""
+    return a * b + acc
+
+
+def block_matmul_dequantized(x, qs, d, m, fmt: str) -> jax.Array:
+    """The same math as one float32 dot (precision HIGHEST) of x rounded as the kernel rounds
+    it and the weight dequantized to float32: what GPUs and TPUs run (their matmul units, not
+    a loop over blocks); it differs from the kernel only in the order of float sums."""
     k, _, _ = _check(x, qs, d, m, fmt)
     xq, dx = quantize_x_reference(x)
     xd = (xq * dx[..., None]).reshape(*xq.shape[:-2], k)
@@ -368,34 +483,40 @@ def _ffi_matmul(ops: tuple, fmt: str, n: int, row_tiled: bool | None) -> jax.Arr
     return y
 
 
+def _unpack(ops: tuple) -> tuple:
+    return ops[0], ops[1], ops[2], ops[3] if len(ops) > 3 else None
+
+
 def block_matmul(x, qs, d, m, fmt: str, row_tiled: bool | None = None) -> jax.Array:
     """``x @ w.T`` for a GGUF block weight (module docstring): float32 [M, N] for x [M, K].
 
     `row_tiled` picks the kernel's path: None by the rows (the row-tiled one from 16), True or
     False that one whatever M. Both compute the math above; their float sums over blocks go in
     different orders, so pin it where a row must come out the same bits however many rows
-    share the call (the model does: prefill row-tiled, decode not). XLA's path ignores it.
+    share the call (the model does: prefill row-tiled, decode not). `block_matmul_reference`
+    follows it too.
 
     x is float32 [M, K] (any M >= 1; other float dtypes are converted; [..., K] works too and
     gives [..., N]). On CPU devices, with the compiled kernels `available()`, this is one call of
     the FFI kernel (jit-able, usable inside shard_map on local shards, sequential under vmap);
-    elsewhere it is `block_matmul_reference`.
+    on CPUs without them `block_matmul_reference` (the same bits), on other platforms
+    `block_matmul_dequantized`.
     """
     k, n, _ = _check(x, qs, d, m, fmt)
     x = jnp.asarray(x)
     if x.dtype != jnp.float32:
         x = x.astype(jnp.float32)
-    if not available():
-        return block_matmul_reference(x, qs, d, m, fmt)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     operands = (x2, qs, d) if m is None else (x2, qs, d, m)
 
     def on_cpu(*ops):
+        if not available():
+            return block_matmul_reference(*_unpack(ops), fmt, row_tiled)
         return _ffi_matmul(ops, fmt, n, row_tiled)
 
     def elsewhere(*ops):
-        return block_matmul_reference(ops[0], ops[1], ops[2], ops[3] if len(ops) > 3 else None, fmt)
+        return block_matmul_dequantized(*_unpack(ops), fmt)
 
     y = jax.lax.platform_dependent(*operands, cpu=on_cpu, default=elsewhere)
     return y.reshape(*lead, n)

@@ -168,13 +168,15 @@ def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
     # the sequence, and XLA would then run the attention after it on other shapes.
     splits = batch in mesh.shape and lead and lead[0] % mesh.shape[batch] == 0
     rows_axis = batch if splits else None
+    # A sequence (prefill) takes the kernel's row-tiled path, one token a row (decode) the
+    # other, whatever the number of rows: so a row's bits never depend on its batch.
+    row_tiled = len(lead) >= 2 and lead[-1] > 1
     if _use_kernels(mesh):
-        # A sequence (prefill) takes the kernel's row-tiled path, one token a row (decode) the
-        # other, whatever the number of rows: so a row's bits never depend on its batch.
-        row_tiled = len(lead) >= 2 and lead[-1] > 1
         matmul = functools.partial(kernels.block_matmul, row_tiled=row_tiled)
+    elif mesh.devices.flat[0].platform == "cpu":  # the kernels' bits, from XLA
+        matmul = functools.partial(kernels.block_matmul_reference, row_tiled=row_tiled)
     else:
-        matmul = kernels.block_matmul_reference
+        matmul = kernels.block_matmul_dequantized
 
     # A row-parallel weight split along its output (BlockWeight.__init__) gathers its output
     # whole on every device, as the float model's output is: left split, XLA would reduce

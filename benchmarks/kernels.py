@@ -8,7 +8,7 @@ Sections (M = 1, one token, except 3 and 6):
 
 1. SmolLM2-135M's matmul shapes (K=576: N=576, 192, 1536; K=1536: N=576; the tied lm_head
    N=49152, K=576), in q4_1 and q8_0: the kernel with XLA's intra-op pool (the default) and
-   with 1 thread; `block_matmul_reference` (XLA: round x, dequantize, one float32 dot); and an
+   with 1 thread; `block_matmul_dequantized` (XLA: round x, dequantize, one float32 dot); and an
    XLA float32 dot of a float32 [N, K] weight. Each time is one iteration of a jitted
    `fori_loop` (so no Python dispatch), the next x depending on the last result through a
    scalar so that calls run one after another; min (and median) over --repeats loops. The
@@ -91,7 +91,7 @@ def kernel_fn(fmt):
 
 
 def reference_fn(fmt):
-    return lambda x, w: kernels.block_matmul_reference(x, w[0], w[1], w[2], fmt)
+    return lambda x, w: kernels.block_matmul_dequantized(x, w[0], w[1], w[2], fmt)
 
 
 def f32_fn(x, w):
@@ -348,7 +348,7 @@ def section_step(args, path) -> dict:
                 if kind == "kernel":
                     y = kernels.block_matmul(xin, w[0], w[1], w[2], fmt)
                 elif kind == "reference":
-                    y = kernels.block_matmul_reference(xin, w[0], w[1], w[2], fmt)
+                    y = kernels.block_matmul_dequantized(xin, w[0], w[1], w[2], fmt)
                 else:
                     y = f32_fn(xin, w)
                 out = out * (1.0 + 1e-30 * y[0, 0])

@@ -91,7 +91,7 @@ def _extensions() -> list[Extension]:
         Extension(
             "shardinfer.kernels._gguf_matmul",
             sources=[os.path.join(KERNEL_DIR, "gguf_matmul.cc")],
-            depends=[os.path.join(KERNEL_DIR, "gguf_matmul_isa.h")],
+            depends=[os.path.join(KERNEL_DIR, f) for f in ("gguf_matmul_isa.h", "gguf_matmul_amx.h")],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"],
         )

@@ -135,7 +135,7 @@ def test_available_where_expected():
     if EXPECT_KERNEL:
         assert kernels.available(), kernels.unavailable_reason()
         assert kernels.unavailable_reason() is None
-        assert kernels.isa() in ("avx2", "avxvnni", "avx512vnni")
+        assert kernels.isa() in ("avx2", "avxvnni", "avx512vnni", "amx")
         assert "avx2" in kernels._supported_isas()
     else:
         assert not kernels.available()

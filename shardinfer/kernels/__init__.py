@@ -78,7 +78,7 @@ _FORMATS = {
     "q4_1": ("shardinfer_gguf_q4_1_matmul", "ShardinferGgufQ4_1Matmul", np.uint8, 16, True),
 }
 FORMATS = tuple(_FORMATS)
-_ISA_NAMES = {1: "avx2", 2: "avxvnni", 3: "avx512vnni"}
+_ISA_NAMES = {1: "avx2", 2: "avxvnni", 3: "avx512vnni", 4: "amx"}
 _GEMM_MIN_ROWS = 16  # gguf_matmul.cc kGemmMinRowsDefault: row_tiled=None picks by this
 
 _lock = threading.Lock()
@@ -162,7 +162,8 @@ def unavailable_reason() -> str | None:
 
 
 def isa() -> str | None:
-    """The instruction set the kernels use: "avx512vnni", "avxvnni", "avx2", or None."""
+    """The instruction set the kernels use: "amx" (AVX-512 VNNI, and AMX tiles for many rows),
+    "avx512vnni", "avxvnni", "avx2", or None."""
     lib = _load()
     return None if lib is None else _ISA_NAMES.get(lib.ShardinferGgufIsa())
 

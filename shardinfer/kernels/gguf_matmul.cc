@@ -12,9 +12,11 @@
 //   q4_1: qs uint8 [N, K/32, 16], d, m f16 [N, K/32]              w = d * nibble + m
 //   (q4: byte i of a block holds element i in its low nibble, element i + 16 in its high one.)
 //
-// Instruction sets are chosen at run time (`Dispatch`): AVX-512 VNNI on 256-bit vectors
+// Instruction sets are chosen at run time (`DetectIsa`): AVX-512 VNNI on 256-bit vectors
 // (avx512vnni + avx512vl), AVX-VNNI, or AVX2 + FMA + F16C. The per-set code is
 // gguf_matmul_isa.h, compiled three times with different targets; this file needs no -march.
+// Where the CPU has AMX-INT8 (and Linux grants the tile state), the row-tiled path runs on AMX
+// tiles instead (gguf_matmul_amx.h), with the same results to the bit.
 //
 // Two paths (gguf_matmul_isa.h), chosen per call by the caller (the `path` attribute) or else by
 // the number of x rows (g_gemm_min_rows, 16):
@@ -50,6 +52,14 @@
 #define SI_HAVE_AVXVNNI 1
 #else
 #define SI_HAVE_AVXVNNI 0
+#endif
+// AMX tiles (tdpbusd) need the same compilers, and Linux to grant a process their state.
+#if SI_HAVE_AVXVNNI && defined(__linux__)
+#define SI_HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define SI_HAVE_AMX 0
 #endif
 
 namespace ffi = xla::ffi;
@@ -160,9 +170,42 @@ namespace shardinfer_gguf {
 #pragma GCC pop_options
 #endif
 
+#if SI_HAVE_AMX
+#if defined(__clang__)
+#pragma clang attribute push( \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,amx-tile,amx-int8"))), \
+    apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,amx-tile,amx-int8")
+#endif
+#include "gguf_matmul_amx.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // SI_HAVE_AMX
+
 // ---- dispatch ---------------------------------------------------------------------------------
 
-enum Isa : int { kNone = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+enum Isa : int { kNone = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kAmx = 4 };
+
+// AMX-TILE and AMX-INT8, the OS saving tile state (XCR0 bits 17, 18), and Linux granting this
+// process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+static bool HaveAmx(unsigned xcr0_lo) {
+#if SI_HAVE_AMX
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d & (1u << 24)) && (d & (1u << 25)))) return false;
+  if ((xcr0_lo & 0x60000) != 0x60000) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  (void)xcr0_lo;
+  return false;
+#endif
+}
 
 // CPUID and XGETBV directly (GCC's and clang's __builtin_cpu_supports differ in which names they
 // know): the instructions, and the OS saving the registers they use.
@@ -181,7 +224,7 @@ static int DetectIsa() {
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) &&  // F BW VL
                       (c & (1u << 11)) &&                                           // VNNI
                       (xlo & 0xE6) == 0xE6;  // and the OS saves opmask and ZMM state
-  if (avx512) return kAvx512Vnni;
+  if (avx512) return HaveAmx(xlo) ? kAmx : kAvx512Vnni;
 #if SI_HAVE_AVXVNNI
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4))) return kAvxVnni;
 #endif
@@ -205,6 +248,10 @@ struct Kernels {
 
 static Kernels KernelsFor(int isa) {
   switch (isa) {
+#if SI_HAVE_AMX
+    case kAmx:  // the row-tiled path on tiles; x's rounding and the decode tiles as AVX-512's
+      return {isa_avx512vnni::quantize_rows, isa_amx::run};
+#endif
     case kAvx512Vnni:
       return {isa_avx512vnni::quantize_rows, isa_avx512vnni::run};
 #if SI_HAVE_AVXVNNI
@@ -272,7 +319,7 @@ static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
     const int cap = g_max_threads.load(std::memory_order_relaxed);
     if (cap > 0) threads = std::min<int64_t>(threads, cap);
   }
-  constexpr int64_t kRowAlign = 8;  // a multiple of every variant's tile rows and of kPanel
+  constexpr int64_t kRowAlign = 16;  // a multiple of every variant's tile rows and panels
   if (threads <= 1 || p.n_total < 2 * kRowAlign) {
     k.run(p, 0, p.n_total);
     return;
@@ -442,7 +489,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferGgufQ4_1Matmul, sg::Q4_1,
 extern "C" {
 
 // The instruction set in use: 0 none (the CPU lacks AVX2+FMA+F16C), 1 AVX2, 2 AVX-VNNI,
-// 3 AVX-512 VNNI.
+// 3 AVX-512 VNNI, 4 AVX-512 VNNI with AMX tiles for the row-tiled path.
 __attribute__((visibility("default"))) int ShardinferGgufIsa() { return sg::g_isa.load(); }
 __attribute__((visibility("default"))) int ShardinferGgufBestIsa() { return sg::g_best_isa; }
 

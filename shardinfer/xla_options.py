@@ -21,9 +21,13 @@ def step_compiler_options(platform: str, dtype: Any, quantize: str | None) -> di
     or leaves it to XLA by its size, and its exp differs from XLA's in the last bit, so a
     row's softmax changed with the number of rows beside it (and int8 rounding of the next
     activations made that another token). Without it the batch-1 step measured 7.3 instead
-    of 8.2 ms, and a 512-token prefill no slower.
+    of 8.2 ms. Plain dots alone (no exp or reduction fused to them) still go to YNNPACK
+    (`INDIVIDUAL_DOT`): the prefill attention's two dots a layer, 475 -> 449 ms for a
+    512-token prompt, with the same bits on every mesh and batch (tests/test_blocks.py).
     """
     blocks = quantize in ("gguf", "q8_0", "q4_0")  # models/weights.py BLOCK_MODES
-    if platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and (quantize is None or blocks):
+    if platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and blocks:
+        return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    if platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and quantize is None:
         return {"xla_cpu_experimental_ynn_fusion_type": ""}
     return None

@@ -88,6 +88,9 @@ struct Problem {
   const float* sx;       // dx * xsum
   float* y;              // [M, N]
   bool gemm;             // the row-tiled path (x in XLayout::kNatural), else the decode tiles
+  // x rounded and re-laid out once per call for every thread's chunks (the AMX path:
+  // gguf_matmul_amx.h `prepare`), or null.
+  const unsigned char* xpack = nullptr;
 };
 
 }  // namespace shardinfer_gguf
@@ -244,13 +247,14 @@ static std::atomic<int64_t> g_gemm_min_rows{kGemmMinRowsDefault};
 struct Kernels {
   void (*quantize)(const float*, int64_t, int64_t, XLayout, const Problem&);
   void (*run)(const Problem&, int64_t, int64_t);
+  void (*prepare)(Problem&) = nullptr;  // after quantize, before the chunks run (may be null)
 };
 
 static Kernels KernelsFor(int isa) {
   switch (isa) {
 #if SI_HAVE_AMX
     case kAmx:  // the row-tiled path on tiles; x's rounding and the decode tiles as AVX-512's
-      return {isa_avx512vnni::quantize_rows, isa_amx::run};
+      return {isa_avx512vnni::quantize_rows, isa_amx::run, isa_amx::prepare};
 #endif
     case kAvx512Vnni:
       return {isa_avx512vnni::quantize_rows, isa_avx512vnni::run};
@@ -400,6 +404,7 @@ static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, cons
              : fmt == Fmt::kQ8_0 ? XLayout::kQ8Pairs
                                  : XLayout::kQ4Pairs,
              p);
+  if (k.prepare != nullptr) k.prepare(p);
   Compute(p, k, pool);
 }
 

@@ -30,7 +30,7 @@ namespace isa_amx {
 #define SI_INLINE inline __attribute__((always_inline))
 
 constexpr int kTile = 16;         // weight rows (A, C rows) and x rows (B, C columns) per tile
-constexpr int64_t kMChunk = 512;  // x rows packed at a time (each weight panel packed once per)
+constexpr int64_t kChunkGroups = 32;  // 512 x rows: at K = 1536, 1 MB packed
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -90,21 +90,45 @@ static void pack_weights(const Problem& p, int64_t n0, int nvalid, uint8_t* wp, 
 // xp [nb][8][16 rows][4 bytes], and dx, sx as [nb][16].
 static void pack_x(const Problem& p, int64_t m0, int mvalid, int8_t* xp, float* dxp,
                    float* sxp) {
+  const __mmask16 rows = static_cast<__mmask16>((1u << mvalid) - 1);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i xoff = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.xq_row_bytes)));
+  const __m512i voff = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(p.nb_pad)));
+  const int8_t* xbase = p.xq + m0 * p.xq_row_bytes;
+  const float* dbase = p.dx + m0 * p.nb_pad;
+  const float* sbase = p.sx + m0 * p.nb_pad;
   for (int64_t b = 0; b < p.nb; ++b) {
-    int32_t* out = reinterpret_cast<int32_t*>(xp + 512 * b);
+    int8_t* out = xp + 512 * b;
+    // Masked gathers: rows past mvalid read nothing and come out zero.
     for (int j = 0; j < 8; ++j)
-      for (int i = 0; i < kTile; ++i) {
-        int32_t v = 0;
-        if (i < mvalid) std::memcpy(&v, p.xq + (m0 + i) * p.xq_row_bytes + 32 * b + 4 * j, 4);
-        out[16 * j + i] = v;
-      }
-    for (int i = 0; i < kTile; ++i) {
-      const bool ok = i < mvalid;
-      const int64_t at = (m0 + i) * p.nb_pad + b;
-      dxp[16 * b + i] = ok ? p.dx[at] : 0.0f;
-      sxp[16 * b + i] = ok ? p.sx[at] : 0.0f;
-    }
+      _mm512_store_si512(out + 64 * j, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows,
+                                                                   xoff, xbase + 32 * b + 4 * j, 1));
+    _mm512_store_ps(dxp + 16 * b,
+                    _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, voff, dbase + b, 4));
+    _mm512_store_ps(sxp + 16 * b,
+                    _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, voff, sbase + b, 4));
   }
+}
+
+// Bytes of one packed group of 16 x rows: xp, dx, sx.
+static size_t group_bytes(int64_t nb) { return static_cast<size_t>(512 * nb + 2 * 64 * nb); }
+
+// Every x row packed once per call, by the calling thread, for all the threads' chunks.
+static void prepare(Problem& p) {
+  if (!p.gemm) return;
+  static thread_local std::vector<unsigned char> buf;
+  const int64_t groups = (p.m_total + kTile - 1) / kTile;
+  const size_t gbytes = group_bytes(p.nb);
+  if (buf.size() < groups * gbytes + 64) buf.resize(groups * gbytes + 64);
+  const auto base = (reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63};
+  for (int64_t g = 0; g < groups; ++g) {
+    auto* at = reinterpret_cast<unsigned char*>(base + g * gbytes);
+    const int64_t m0 = kTile * g;
+    pack_x(p, m0, static_cast<int>(std::min<int64_t>(kTile, p.m_total - m0)),
+           reinterpret_cast<int8_t*>(at), reinterpret_cast<float*>(at + 512 * p.nb),
+           reinterpret_cast<float*>(at + 576 * p.nb));
+  }
+  p.xpack = reinterpret_cast<const unsigned char*>(base);
 }
 
 // C += A B: q4_1's nibbles are unsigned bytes, q4_0's nibble - 8 and q8_0's weights signed.
@@ -215,41 +239,31 @@ static void tile_pair(const Problem& p, const uint8_t* wp, const float* dp, cons
 
 template <Fmt F>
 static void run_gemm(const Problem& p, int64_t n_begin, int64_t n_end) {
-  // Per-thread buffers that only grow: one weight panel, and up to kMChunk packed x rows.
-  static thread_local std::vector<unsigned char> wbuf, xbuf;
-  const size_t nb = static_cast<size_t>(p.nb);
+  // One weight panel at a time, in a per-thread buffer that only grows, against the packed
+  // groups of x rows (`prepare`) kChunkGroups at a time (so they stay in L2 while the panels
+  // stream by).
+  static thread_local std::vector<unsigned char> wbuf;
+  const int64_t nb = p.nb;
   const size_t wbytes = 512 * nb, sbytes = 64 * nb;
   if (wbuf.size() < wbytes + 2 * sbytes + 64) wbuf.resize(wbytes + 2 * sbytes + 64);
-  const size_t groups = kMChunk / kTile, gbytes = 512 * nb + 2 * sbytes;  // xp, dx, sx
-  if (xbuf.size() < groups * gbytes + 64) xbuf.resize(groups * gbytes + 64);
   const auto wa = (reinterpret_cast<uintptr_t>(wbuf.data()) + 63) & ~uintptr_t{63};
-  const auto xa = (reinterpret_cast<uintptr_t>(xbuf.data()) + 63) & ~uintptr_t{63};
   auto* wp = reinterpret_cast<uint8_t*>(wa);
   auto* dp = reinterpret_cast<float*>(wa + wbytes);
   auto* mp = reinterpret_cast<float*>(wa + wbytes + sbytes);
-  auto group = [&](int64_t g) { return xa + g * gbytes; };
+  const int64_t groups = (p.m_total + kTile - 1) / kTile;
+  const size_t gbytes = group_bytes(nb);
   configure_tiles();
-  for (int64_t mb = 0; mb < p.m_total; mb += kMChunk) {
-    const int64_t me = std::min(p.m_total, mb + kMChunk);
-    const int64_t ng = (me - mb + kTile - 1) / kTile;
-    for (int64_t g = 0; g < ng; ++g) {
-      const uintptr_t at = group(g);
-      const int64_t m0 = mb + kTile * g;
-      pack_x(p, m0, static_cast<int>(std::min<int64_t>(kTile, me - m0)),
-             reinterpret_cast<int8_t*>(at), reinterpret_cast<float*>(at + 512 * nb),
-             reinterpret_cast<float*>(at + 512 * nb + sbytes));
-    }
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
-      const int nvalid = static_cast<int>(std::min<int64_t>(kTile, n_end - n0));
-      pack_weights<F>(p, n0, nvalid, wp, dp, mp);
-      for (int64_t g = 0; g < ng; ++g) {
-        const uintptr_t at = group(g);
-        const int64_t m0 = mb + kTile * g;
-        tile_pair<F>(p, wp, dp, mp, reinterpret_cast<const int8_t*>(at),
-                     reinterpret_cast<const float*>(at + 512 * nb),
-                     reinterpret_cast<const float*>(at + 512 * nb + sbytes), m0,
-                     static_cast<int>(std::min<int64_t>(kTile, me - m0)), n0, nvalid);
-      }
+  for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups)
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
+    const int nvalid = static_cast<int>(std::min<int64_t>(kTile, n_end - n0));
+    pack_weights<F>(p, n0, nvalid, wp, dp, mp);
+    for (int64_t g = g0; g < std::min(groups, g0 + kChunkGroups); ++g) {
+      const unsigned char* at = p.xpack + g * gbytes;
+      const int64_t m0 = kTile * g;
+      tile_pair<F>(p, wp, dp, mp, reinterpret_cast<const int8_t*>(at),
+                   reinterpret_cast<const float*>(at + 512 * nb),
+                   reinterpret_cast<const float*>(at + 576 * nb), m0,
+                   static_cast<int>(std::min<int64_t>(kTile, p.m_total - m0)), n0, nvalid);
     }
   }
   _tile_release();

@@ -27,7 +27,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import MODEL, PROMPT, cpu_flags, cpu_times, git_revision, machine_info, other_load
+from common import (
+    MODEL,
+    PROMPT,
+    cpu_flags,
+    cpu_times,
+    free_stem,
+    git_revision,
+    machine_info,
+    other_load,
+)
 
 import shardinfer as si
 from shardinfer.serving.bench import decode_rate
@@ -98,7 +107,7 @@ def main() -> None:
         "results": results,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"batch-cpu-{result['date']}"
+    stem = free_stem(args.out_dir, "batch", result["date"])
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# Batch job vs engine bench ({result['date']})",

@@ -30,6 +30,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
 
 
+def free_stem(out_dir: Path, name: str, date: str) -> Path:
+    """out_dir / f"{name}-cpu-{day}", or with b, c, ... after the day where that run's .json is
+    already there: a second run on the same day never overwrites the first."""
+    day = date[:10]
+    for suffix in ["", *"bcdefghijklmnopqrstuvwxyz"]:
+        stem = Path(out_dir) / f"{name}-cpu-{day}{suffix}"
+        if not stem.with_suffix(".json").exists():
+            return stem
+    raise FileExistsError(f"26 {name} results for {day} in {out_dir} already")
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     out = fn()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import cpu_flags, cpu_times, git_revision, machine_info, other_load, timed
+from common import cpu_flags, cpu_times, free_stem, git_revision, machine_info, other_load, timed
 
 MODEL = "all-minilm-l6-v2"
 BATCH = 64
@@ -141,7 +141,7 @@ def main() -> None:
         "results": results,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"embed-cpu-{result['date']}"
+    stem = free_stem(args.out_dir, "embed", result["date"])
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# Embeddings: shardinfer vs sentence-transformers ({result['date']})",

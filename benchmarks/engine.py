@@ -32,6 +32,7 @@ from common import (
     MODEL,
     PROMPT,
     add_common_args,
+    free_stem,
     git_revision,
     hf_generate,
     machine_info,
@@ -335,7 +336,7 @@ def main() -> None:
         "section_foreign_cores": {},
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"engine-cpu-{report['date'][:10]}"
+    out = free_stem(args.out_dir, "engine", report["date"])
 
     chosen = {name.strip() for name in args.only.split(",") if name.strip()}
 

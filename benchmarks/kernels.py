@@ -47,7 +47,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import RESULT_FLAGS, cpu_flags, cpu_times, git_revision, machine_info, other_load
+from common import (
+    RESULT_FLAGS,
+    cpu_flags,
+    cpu_times,
+    free_stem,
+    git_revision,
+    machine_info,
+    other_load,
+)
 
 import shardinfer.kernels as kernels
 
@@ -690,7 +698,7 @@ def main() -> None:
     res["step"] = section_step(args, path)
     res["llama_cpp"] = section_llama_cpp(path)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"kernels-cpu-{date}"
+    stem = free_stem(args.out_dir, "kernels", date)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     stem.with_suffix(".md").write_text(render(res))
     print(f"wrote {stem}.md and .json")

@@ -18,7 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import MODEL, PROMPT, cpu_times, git_revision, machine_info, other_load, timed
+from common import (
+    MODEL,
+    PROMPT,
+    cpu_times,
+    free_stem,
+    git_revision,
+    machine_info,
+    other_load,
+    timed,
+)
 
 
 def cpu_flags() -> list[str]:
@@ -87,7 +96,7 @@ def main() -> None:
         "ratio": ratio,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"lone-request-cpu-{result['date']}"
+    stem = free_stem(args.out_dir, "lone-request", result["date"])
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# One request: {args.max_batch}-slot LLM vs 1-slot LLM ({result['date']})",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import MODEL, git_revision, machine_info
+from common import MODEL, free_stem, git_revision, machine_info
 
 CHILD = """
 import json, statistics, sys, time
@@ -122,7 +122,7 @@ def main() -> None:
         "two_processes": two,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"multiprocess-cpu-{result['date']}"
+    stem = free_stem(args.out_dir, "multiprocess", result["date"])
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# 2 processes x 4 devices vs 1 process x 8 ({result['date']})",

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_flags, git_revision, machine_info
+from common import cpu_flags, free_stem, git_revision, machine_info
 from serve import load, pct
 
 SLOTS = (4, 4, 1)
@@ -110,7 +110,7 @@ def main() -> None:
     text = markdown(report)
     print(text)
     if args.out:
-        stem = Path(args.out) / f"router-cpu-{report['date']}"
+        stem = free_stem(Path(args.out), "router", report["date"])
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
         stem.with_suffix(".md").write_text(text)
 

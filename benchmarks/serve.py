@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import git_revision, machine_info
+from common import free_stem, git_revision, machine_info
 
 
 def parse_args() -> argparse.Namespace:
@@ -181,10 +181,9 @@ def main() -> None:
         engine.stop()
 
     if args.out:
-        out = Path(args.out)
-        stem = f"serve-cpu-{report['date'][:10]}"
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-        (out / f"{stem}.md").write_text(markdown(report))
+        stem = free_stem(Path(args.out), "serve", report["date"])
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        stem.with_suffix(".md").write_text(markdown(report))
 
 
 def markdown(report: dict) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import MODEL, git_revision, machine_info
+from common import MODEL, free_stem, git_revision, machine_info
 
 CHILD = """
 import json, sys, time
@@ -66,7 +66,7 @@ def main() -> None:
         "warm": warm,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"warmup-cpu-{result['date']}"
+    stem = free_stem(args.out_dir, "warmup", result["date"])
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     mesh = args.mesh or "1 device"
     lines = [

@@ -396,10 +396,13 @@ def test_reference_matches_numpy(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_reference_gives_the_kernels_bits(fmt, each_isa):
     """The XLA twin, jitted, is bit for bit each kernel path (by rows, few rows, row-tiled) on
-    every instruction set: block counts from 1 to 48 (lanes with no block, one, several) and
-    rows below and past the row-tiled path's 16. (Without the kernels, block_matmul is the
+    every instruction set: block counts from 1 to 48 (lanes with no block, one, several), rows
+    below and past the row-tiled path's 16 and AMX's tiles of 16, weight rows not a multiple
+    of 16. (Without the kernels, block_matmul is the
     twin: the check still runs, trivially.)"""
-    for m_rows, n, k in [(1, 17, 32), (3, 8, 288), (5, 192, 576), (17, 33, 544), (20, 40, 1536)]:
+    shapes = [(1, 17, 32), (3, 8, 288), (5, 192, 576), (17, 33, 544), (20, 40, 1536)]
+    # 530 rows: past the AMX path's 512-row chunk of packed x.
+    for m_rows, n, k in [*shapes, (530, 24, 96)]:
         x, qs, d, m = random_problem(fmt, m_rows, n, k)
         for row_tiled in (None, False, True):
             ref = jax.jit(partial(kernels.block_matmul_reference, fmt=fmt, row_tiled=row_tiled))

@@ -323,7 +323,9 @@ static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
     const int cap = g_max_threads.load(std::memory_order_relaxed);
     if (cap > 0) threads = std::min<int64_t>(threads, cap);
   }
-  constexpr int64_t kRowAlign = 16;  // a multiple of every variant's tile rows and panels
+  // Chunks start at a multiple of every variant's tile rows and panels: 8, or the AMX
+  // panels' 16 on the row-tiled path (decode keeps 8: finer chunks for its small matmuls).
+  const int64_t kRowAlign = p.gemm ? 16 : 8;
   if (threads <= 1 || p.n_total < 2 * kRowAlign) {
     k.run(p, 0, p.n_total);
     return;

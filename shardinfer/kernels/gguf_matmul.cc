@@ -43,6 +43,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -92,6 +93,23 @@ struct Problem {
   // gguf_matmul_amx.h `prepare`), or null.
   const unsigned char* xpack = nullptr;
 };
+
+// fn(std::integral_constant<Fmt, F>{}) for the format f: the one switch from a run-time
+// format to the per-format templates of every path.
+template <typename Fn>
+inline void WithFormat(Fmt f, Fn&& fn) {
+  switch (f) {
+    case Fmt::kQ8_0:
+      fn(std::integral_constant<Fmt, Fmt::kQ8_0>{});
+      break;
+    case Fmt::kQ4_0:
+      fn(std::integral_constant<Fmt, Fmt::kQ4_0>{});
+      break;
+    case Fmt::kQ4_1:
+      fn(std::integral_constant<Fmt, Fmt::kQ4_1>{});
+      break;
+  }
+}
 
 }  // namespace shardinfer_gguf
 

@@ -136,15 +136,6 @@ static void prepare(Problem& p) {
   p.xpack = reinterpret_cast<const unsigned char*>(base);
 }
 
-// C += A B: q4_1's nibbles are unsigned bytes, q4_0's nibble - 8 and q8_0's weights signed.
-template <Fmt F, int TC, int TA, int TB>
-static SI_INLINE void dot_tiles() {
-  if constexpr (F == Fmt::kQ4_1)
-    _tile_dpbusd(TC, TA, TB);
-  else
-    _tile_dpbssd(TC, TA, TB);
-}
-
 // The float work of block b from its stored dots c [16 weight rows][16 x rows].
 template <Fmt F>
 static SI_INLINE void add_block(const int32_t* c, int64_t b, const float* dp, const float* mp,
@@ -211,7 +202,13 @@ static void tile16(const Problem& p, const uint8_t* wp, const float* dp, const f
     _tile_loadd(ta, wp + 512 * (blk), 32);                           \
     _tile_loadd(tb, xp + 512 * (blk), 64);                           \
     _tile_zero(tc);                                                  \
-    dot_tiles<F, tc, ta, tb>();                                      \
+    /* q4_1's nibbles are unsigned bytes; q4_0's nibble - 8 and   */ \
+    /* q8_0's weights signed. (Tile numbers must be literals: the */ \
+    /* intrinsics paste them into the instruction's text.)        */ \
+    if constexpr (F == Fmt::kQ4_1)                                   \
+      _tile_dpbusd(tc, ta, tb);                                      \
+    else                                                             \
+      _tile_dpbssd(tc, ta, tb);                                      \
   }
 #define SI_AMX_STORE(tc, i) \
   if (g + (i) < nb) _tile_stored(tc, cb + kTile * kTile * (i), 64);
@@ -278,17 +275,7 @@ static void run(const Problem& p, int64_t n_begin, int64_t n_end) {
     isa_avx512vnni::run(p, n_begin, n_end);
     return;
   }
-  switch (p.fmt) {
-    case Fmt::kQ8_0:
-      run_gemm<Fmt::kQ8_0>(p, n_begin, n_end);
-      break;
-    case Fmt::kQ4_0:
-      run_gemm<Fmt::kQ4_0>(p, n_begin, n_end);
-      break;
-    case Fmt::kQ4_1:
-      run_gemm<Fmt::kQ4_1>(p, n_begin, n_end);
-      break;
-  }
+  WithFormat(p.fmt, [&](auto f) { run_gemm<decltype(f)::value>(p, n_begin, n_end); });
 }
 
 #undef SI_INLINE

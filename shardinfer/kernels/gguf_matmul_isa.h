@@ -565,31 +565,12 @@ static void run_gemm(const Problem& p, int64_t n_begin, int64_t n_end) {
 }
 
 static void run(const Problem& p, int64_t n_begin, int64_t n_end) {
-  if (p.gemm) {
-    switch (p.fmt) {
-      case Fmt::kQ8_0:
-        run_gemm<Fmt::kQ8_0>(p, n_begin, n_end);
-        break;
-      case Fmt::kQ4_0:
-        run_gemm<Fmt::kQ4_0>(p, n_begin, n_end);
-        break;
-      case Fmt::kQ4_1:
-        run_gemm<Fmt::kQ4_1>(p, n_begin, n_end);
-        break;
-    }
-    return;
-  }
-  switch (p.fmt) {
-    case Fmt::kQ8_0:
-      run_rows<Fmt::kQ8_0>(p, n_begin, n_end);
-      break;
-    case Fmt::kQ4_0:
-      run_rows<Fmt::kQ4_0>(p, n_begin, n_end);
-      break;
-    case Fmt::kQ4_1:
-      run_rows<Fmt::kQ4_1>(p, n_begin, n_end);
-      break;
-  }
+  WithFormat(p.fmt, [&](auto f) {
+    if (p.gemm)
+      run_gemm<decltype(f)::value>(p, n_begin, n_end);
+    else
+      run_rows<decltype(f)::value>(p, n_begin, n_end);
+  });
 }
 
 #undef SI_INLINE

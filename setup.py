@@ -71,6 +71,12 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as e:  # CompileError, LinkError, a missing compiler (OSError, ...)
+            # A library left from an earlier build no longer matches the sources: gone, so
+            # the package says it has no kernels rather than running old ones.
+            for stale in {self.get_ext_fullpath(ext.name), os.path.join(
+                    KERNEL_DIR, os.path.basename(self.get_ext_filename(ext.name)))}:  # fmt: skip
+                if os.path.isfile(stale):
+                    os.remove(stale)
             self._failed(e)
 
     def _failed(self, error: Exception) -> None:
@@ -91,7 +97,9 @@ def _extensions() -> list[Extension]:
         Extension(
             "shardinfer.kernels._gguf_matmul",
             sources=[os.path.join(KERNEL_DIR, "gguf_matmul.cc")],
-            depends=[os.path.join(KERNEL_DIR, f) for f in ("gguf_matmul_isa.h", "gguf_matmul_amx.h")],
+            depends=[
+                os.path.join(KERNEL_DIR, f) for f in ("gguf_matmul_isa.h", "gguf_matmul_amx.h")
+            ],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"],
         )

@@ -28,8 +28,10 @@ Two paths compute that same math: with few rows of x (decode, M < 16) tiles of 4
 2 x rows that read each weight block once per call; with 16 or more (prefill) a row-tiled path
 that unpacks 8 weight rows at a time into the layout of the int8 dot instruction (AVX-512 /
 AVX-VNNI ``vpdpbusd``, AVX2 ``maddubs``) once and uses them against every row of x, so the
-unpacking is paid once per panel, not once per pair of x rows. Both compute every block dot
-exactly and add the per-block float terms in block order.
+unpacking is paid once per panel, not once per pair of x rows (on CPUs with AMX-INT8, 16
+weight rows at a time on AMX tiles, with the same bits). Both compute every block dot exactly;
+the row-tiled path adds the per-block float terms block after block, the decode tiles in 8
+lanes (blocks b mod 8) that are summed at the end, so a row's last bits depend on the path.
 
 Threads: each call splits N over XLA's intra-op thread pool (and the calling thread) when it has
 at least 4096 block dots (N * K/32 * M); `set_threads(n)` caps the threads per call (1: the

@@ -315,15 +315,9 @@ def quantize_x_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _dequantize(qs, d, m, fmt: str) -> jax.Array:
     """The weight as float32 [N, K]."""
     n, nb = d.shape
-    scale = d.astype(jnp.float32)[..., None]
-    if fmt == "q8_0":
-        w = scale * qs.astype(jnp.float32)
-    else:
-        nibbles = jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(jnp.float32)
-        if fmt == "q4_0":
-            w = scale * (nibbles - 8.0)
-        else:
-            w = scale * nibbles + m.astype(jnp.float32)[..., None]
+    w = d.astype(jnp.float32)[..., None] * _weight_ints(qs, fmt).astype(jnp.float32)
+    if fmt == "q4_1":
+        w = w + m.astype(jnp.float32)[..., None]
     return w.reshape(n, nb * BLOCK)
 
 
@@ -335,14 +329,14 @@ def _weight_ints(qs, fmt: str) -> jax.Array:
     return nibbles - 8 if fmt == "q4_0" else nibbles
 
 
-# The reference's int32 block dots [nb, rows, N] are made this many bytes at most at a time.
+# The reference's block dots [nb, rows, N] (float32) are made this many bytes at most at a time.
 _REFERENCE_CHUNK_BYTES = 64 << 20
 
 
 def block_matmul_reference(x, qs, d, m, fmt: str, row_tiled: bool | None = None) -> jax.Array:
     """`block_matmul` in plain jnp (XLA), bit for bit the kernel's result on CPU.
 
-    The same rounding of x, the same exact int32 block dots, and the per-block float terms
+    The same rounding of x, the same exact block dots, and the per-block float terms
     added in the order the kernel's path adds them (`row_tiled` as for `block_matmul`): the
     row-tiled path one block after another, the decode tiles in 8 lanes of blocks b mod 8
     that end in a fixed tree. Each step is ``acc = idot * (d * dx) + acc`` (``+ m * sx`` for

@@ -96,9 +96,12 @@ def _extensions() -> list[Extension]:
     return [
         Extension(
             "shardinfer.kernels._gguf_matmul",
-            sources=[os.path.join(KERNEL_DIR, "gguf_matmul.cc")],
+            sources=[
+                os.path.join(KERNEL_DIR, f) for f in ("gguf_matmul.cc", "prefill_attention.cc")
+            ],
             depends=[
-                os.path.join(KERNEL_DIR, f) for f in ("gguf_matmul_isa.h", "gguf_matmul_amx.h")
+                os.path.join(KERNEL_DIR, f)
+                for f in ("gguf_matmul_isa.h", "gguf_matmul_amx.h", "prefill_attention_isa.h")
             ],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"],

@@ -82,6 +82,7 @@ _FORMATS = {
 FORMATS = tuple(_FORMATS)
 _ISA_NAMES = {1: "avx2", 2: "avxvnni", 3: "avx512vnni", 4: "amx"}
 _GEMM_MIN_ROWS = 16  # gguf_matmul.cc kGemmMinRowsDefault: row_tiled=None picks by this
+ATTENTION_TARGET = "shardinfer_prefill_attention"  # prefill_attention.cc, used by attention.py
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": ctypes.CDLL | None, "why": str | None
@@ -136,9 +137,12 @@ def _load() -> ctypes.CDLL | None:
                     why = "GGUF block kernels need AVX2, FMA and F16C, which this CPU lacks"
                     lib = None
                 else:
-                    for target, symbol, *_ in _FORMATS.values():
+                    targets = [(t, sym) for t, sym, *_ in _FORMATS.values()]
+                    targets.append((ATTENTION_TARGET, "ShardinferPrefillAttention"))
+                    for target, symbol in targets:
                         capsule = jax.ffi.pycapsule(getattr(lib, symbol))
                         jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+                    lib.ShardinferAttentionSetIsa.argtypes = [ctypes.c_int]
             except (OSError, AttributeError, ValueError) as e:
                 why = f"GGUF block kernels failed to load from {path}: {e}"
                 lib, level = None, logging.WARNING
@@ -458,10 +462,10 @@ def _varying(a) -> frozenset:
 _PATHS = {None: 0, False: 1, True: 2}  # gguf_matmul.cc `Path`
 
 
-def _ffi_matmul(ops: tuple, fmt: str, n: int, row_tiled: bool | None) -> jax.Array:
-    # Inside shard_map an FFI call needs all its operands varying over the same mesh axes; its
-    # result (from per-device weight shards) varies over them too, which pcast records (a no-op
-    # when run).
+def _ffi_call(target: str, result: jax.ShapeDtypeStruct, ops: tuple, **attrs) -> jax.Array:
+    """One call of a kernel (sequential under vmap). Inside shard_map an FFI call needs all
+    its operands varying over the same mesh axes; its result (from per-device shards) varies
+    over them too, which pcast records (a no-op when run)."""
     axes = frozenset().union(*(_varying(a) for a in ops))
     ops = tuple(
         a
@@ -469,15 +473,15 @@ def _ffi_matmul(ops: tuple, fmt: str, n: int, row_tiled: bool | None) -> jax.Arr
         else jax.lax.pcast(a, tuple(sorted(axes - _varying(a), key=str)), to="varying")
         for a in ops
     )
-    call = jax.ffi.ffi_call(
-        _FORMATS[fmt][0],
-        jax.ShapeDtypeStruct((ops[0].shape[0], n), jnp.float32),
-        vmap_method="sequential",
-    )
-    y = call(*ops, path=np.int32(_PATHS[row_tiled]))
+    y = jax.ffi.ffi_call(target, result, vmap_method="sequential")(*ops, **attrs)
     if axes and _varying(y) != axes:
         y = jax.lax.pcast(y, tuple(sorted(axes - _varying(y), key=str)), to="varying")
     return y
+
+
+def _ffi_matmul(ops: tuple, fmt: str, n: int, row_tiled: bool | None) -> jax.Array:
+    result = jax.ShapeDtypeStruct((ops[0].shape[0], n), jnp.float32)
+    return _ffi_call(_FORMATS[fmt][0], result, ops, path=np.int32(_PATHS[row_tiled]))
 
 
 def _unpack(ops: tuple) -> tuple:

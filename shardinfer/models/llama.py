@@ -14,9 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shardinfer.config import ModelConfig
+from shardinfer.models import kernel_attention
 from shardinfer.models.interface import LAYER_LOOPS, KVCache, LayerKV
 from shardinfer.models.rope import apply_rope, inverse_frequencies, rope_tables
 from shardinfer.models.weights import (
+    BLOCK_MODES,
     dense,
     dense_transposed,
     einsum_f32,
@@ -64,6 +66,9 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_bias = _zeros((e,), ("embed",), dtype, layers)
         self.cfg = cfg
+        # Block-weight modes run their prefill attention as a CPU kernel where it serves
+        # (kernel_attention.py): static, part of the graph.
+        self.attention_sharder = sharder if quantize in BLOCK_MODES else None
 
     def __call__(self, x, positions, rope, cache: LayerKV | None):
         """x [B, T, E]. Without a cache: causal attention among these T tokens. With a cache
@@ -83,6 +88,15 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, cfg.num_kv_heads, groups, d) * (d**-0.5)
         # Scores [B, kv_heads, groups, T, S] and the softmax in float32 whatever the compute
         # dtype.
+        if cache is None and kernel_attention.serves(self.attention_sharder, d):
+            kt = k.transpose(0, 1, 3, 2)
+            out = kernel_attention.prefill_attention(
+                q.reshape(b, t, hq, d), kt, v, positions, cfg.sliding_window,
+                self.attention_sharder)  # fmt: skip
+            out = dense(out.astype(v.dtype), self.o_proj, contract=2)
+            if cfg.o_bias:
+                out = out + self.o_bias[...]
+            return out, LayerKV(kt, v)
         if cache is None:
             # Queries ordered [B, kv, groups * T, D] first (a copy of q, small beside the
             # scores): each kv head is then one plain matmul whose scores come out in the

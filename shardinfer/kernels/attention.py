@@ -1,0 +1,105 @@
+"""Causal self-attention over a prompt (prefill), as one CPU kernel call (prefill_attention.cc).
+
+`prefill_attention(q, kt, v, positions, window)` is, for every batch row b, query row t and
+query head h (kv head h // G, with G = H // KV query heads per kv head):
+
+    out[b, t, h] = sum_s softmax_s(q[b, t, h] . kt[b, h // G, :, s]) * v[b, h // G, s]
+
+over the keys s that t sees: ``positions[b, s] <= positions[b, t]`` and, with a sliding
+`window`, ``positions[b, t] - positions[b, s] < window``. Shapes: q float32 [B, T, H, D]
+(already scaled by 1/sqrt(D)), kt [B, KV, D, T] (the keys transposed, as the KV cache keeps
+them), v [B, KV, T, D], positions int32 [B, T]; the result is float32 [B, T, H, D].
+
+The kernel skips the key groups (32 keys) that no query of a tile sees, so a causal prompt
+costs about half of the full score matrix, and each row's result depends only on its own
+query, keys and values (the same bits in any batch and on any mesh). Against the XLA
+formulation, `prefill_attention_reference`, it differs only in float rounding (its exp is
+its own polynomial, its sums run in another order).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shardinfer import kernels
+
+__all__ = ["prefill_attention", "prefill_attention_reference", "supports"]
+
+_NEG_INF = -1e30
+
+
+def supports(head_dim: int) -> bool:
+    """Whether the kernel takes this head_dim (a multiple of 64) and loaded on this machine."""
+    return head_dim % 64 == 0 and kernels.available()
+
+
+def _check(q, kt, v, positions, window: int | None) -> None:
+    if q.ndim != 4 or kt.ndim != 4 or v.ndim != 4 or positions.ndim != 2:
+        raise ValueError("q, kt, v must be 4-D and positions 2-D "
+                         f"(got {q.shape}, {kt.shape}, {v.shape}, {positions.shape})")  # fmt: skip
+    b, t, h, d = q.shape
+    kv = kt.shape[1]
+    if kv == 0 or h % kv:
+        raise ValueError(f"{h} query heads do not divide into {kv} kv heads")
+    if kt.shape != (b, kv, d, t) or v.shape != (b, kv, t, d) or positions.shape != (b, t):
+        raise ValueError(f"shapes do not agree: q {q.shape}, kt {kt.shape} (want "
+                         f"{(b, kv, d, t)}), v {v.shape}, positions {positions.shape}")  # fmt: skip
+    if window is not None and window <= 0:
+        raise ValueError(f"window must be positive or None, not {window}")
+
+
+def prefill_attention_reference(q, kt, v, positions, window: int | None = None) -> jax.Array:
+    """The same attention in jnp (XLA), the full [T, T] scores masked: any platform."""
+    _check(q, kt, v, positions, window)
+    b, t, h, d = q.shape
+    kv = kt.shape[1]
+    qg = q.astype(jnp.float32).reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bkds->bkgts", qg, kt.astype(jnp.float32))
+    qpos, kpos = positions[:, :, None], positions[:, None, :]
+    seen = kpos <= qpos
+    if window is not None:
+        seen &= qpos - kpos < window
+    scores = jnp.where(seen[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, h, d)
+
+
+def prefill_attention(q, kt, v, positions, window: int | None = None) -> jax.Array:
+    """The kernel on CPU devices where it loaded and takes the head_dim (`supports`), else
+    `prefill_attention_reference`. Jit-able, and usable inside shard_map on local shards
+    (batch rows and kv heads, with their query heads, may be split)."""
+    _check(q, kt, v, positions, window)
+    ops = (q.astype(jnp.float32), kt.astype(jnp.float32), v.astype(jnp.float32),
+           positions.astype(jnp.int32))  # fmt: skip
+    if not supports(q.shape[-1]):
+        return prefill_attention_reference(*ops, window)
+
+    def on_cpu(*ops):
+        result = jax.ShapeDtypeStruct(ops[0].shape, jnp.float32)
+        return kernels._ffi_call(kernels.ATTENTION_TARGET, result, ops,
+                                 window=np.int32(window or 0))  # fmt: skip
+
+    def elsewhere(*ops):
+        return prefill_attention_reference(*ops, window)
+
+    return jax.lax.platform_dependent(*ops, cpu=on_cpu, default=elsewhere)
+
+
+def _set_isa(name: str | None) -> None:
+    """Tests: run the kernel with "avx2" or "avx512" (None: the best this CPU has)."""
+    lib = kernels._load()
+    if lib is None:
+        raise RuntimeError(kernels.unavailable_reason())
+    code = lib.ShardinferAttentionBestIsa() if name is None else {"avx2": 1, "avx512": 2}.get(name)
+    if code is None or not lib.ShardinferAttentionSetIsa(code):
+        raise ValueError(f"instruction set {name!r} is not available on this CPU")
+
+
+def _supported_isas() -> list[str]:
+    lib = kernels._load()
+    if lib is None:
+        return []
+    return ["avx2", "avx512"][: lib.ShardinferAttentionBestIsa()]

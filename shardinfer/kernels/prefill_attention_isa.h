@@ -1,0 +1,198 @@
+// The prefill attention's arithmetic for one instruction set: included by prefill_attention.cc
+// once per target (AVX2 + FMA, AVX-512F), inside a namespace and a `#pragma GCC target`. The
+// code is written on 16-float GCC vectors, one zmm register with AVX-512 and two ymm with AVX2,
+// so both targets do the same operations in the same order and give the same bits.
+//
+// Not a standalone header: prefill_attention.cc defines Problem, Item and the constants first.
+
+typedef float V16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));
+
+static inline __attribute__((always_inline)) V16 Load(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline __attribute__((always_inline)) void Store(float* p, V16 v) {
+  std::memcpy(p, &v, sizeof v);
+}
+static inline __attribute__((always_inline)) V16 Splat(float x) { return V16{} + x; }
+
+// exp(x) for x <= 0 (a score minus its row's maximum; -inf and anything below -87 give
+// exp(-87), which the caller's mask turns into 0). 2^n * P(r) with n = round(x / ln 2),
+// r = x - n ln 2 in two parts (Cody-Waite), P the degree-6 Taylor polynomial: |r| <= 0.35,
+// so its error (r^7 / 7!) stays under 5e-8 relative.
+static inline __attribute__((always_inline)) V16 Exp(V16 x) {
+  const V16 lo = Splat(-87.0f);
+  x = x < lo ? lo : x;
+  const V16 shifter = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  V16 t = x * Splat(1.44269504088896341f) + shifter;
+  const V16 n = t - shifter;
+  V16 r = x - n * Splat(0.693359375f);  // ln 2's high part: n * it is exact
+  r = r - n * Splat(-2.12194440e-4f);   // and the rest
+  V16 p = Splat(1.0f / 720.0f);
+  p = p * r + Splat(1.0f / 120.0f);
+  p = p * r + Splat(1.0f / 24.0f);
+  p = p * r + Splat(1.0f / 6.0f);
+  p = p * r + Splat(0.5f);
+  p = p * r + Splat(1.0f);
+  p = p * r + Splat(1.0f);
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;  // 2^n, n >= -126
+  V16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Scores of kQueries query vectors against keys [j0, j0 + 32): each a sum over head_dim in
+// order, one fused multiply-add per term (kt is [D, S]: keys along its rows).
+static inline __attribute__((always_inline)) void ScoreTile(const float* const* q,
+                                                             const float* kt, int64_t S,
+                                                             int64_t D, int64_t j0,
+                                                             float* const* out) {
+  V16 acc[kQueries][2];
+  for (int i = 0; i < kQueries; ++i) acc[i][0] = acc[i][1] = V16{};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* row = kt + d * S + j0;
+    const V16 k0 = Load(row), k1 = Load(row + 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < kQueries; ++i) {
+      const V16 qd = Splat(q[i][d]);
+      acc[i][0] = qd * k0 + acc[i][0];
+      acc[i][1] = qd * k1 + acc[i][1];
+    }
+  }
+  for (int i = 0; i < kQueries; ++i) {
+    Store(out[i] + j0, acc[i][0]);
+    Store(out[i] + j0 + 16, acc[i][1]);
+  }
+}
+
+// out[i][c0 .. c0 + 16 kValueCols) = sum over the listed key groups' keys j of p[i][j] * v[j]:
+// keys in order, one fused multiply-add per term (p is 0 where a key is not seen).
+static inline __attribute__((always_inline)) void ValueTile(const float* const* p,
+                                                             const float* v, int64_t D,
+                                                             int64_t c0, const int32_t* groups,
+                                                             int64_t n_groups, float* const* out) {
+  V16 acc[kValueQueries][kValueCols];
+  for (int i = 0; i < kValueQueries; ++i)
+    for (int c = 0; c < kValueCols; ++c) acc[i][c] = V16{};
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const int64_t j_begin = int64_t{groups[g]} * kKeyGroup;
+    for (int64_t j = j_begin; j < j_begin + kKeyGroup; ++j) {
+      const float* row = v + j * D + c0;
+      V16 vj[kValueCols];
+      for (int c = 0; c < kValueCols; ++c) vj[c] = Load(row + 16 * c);
+#pragma GCC unroll 8
+      for (int i = 0; i < kValueQueries; ++i) {
+        const V16 pj = Splat(p[i][j]);
+        for (int c = 0; c < kValueCols; ++c) acc[i][c] = pj * vj[c] + acc[i][c];
+      }
+    }
+  }
+  for (int i = 0; i < kValueQueries; ++i)
+    for (int c = 0; c < kValueCols; ++c) Store(out[i] + c0 + 16 * c, acc[i][c]);
+}
+
+// One row's softmax over the seen keys, in place: p = exp(s - max) where seen, else 0.
+// Returns the sum of p (16 lanes, then the lanes in order).
+static inline float SoftmaxRow(float* s, const int32_t* kpos, int32_t qpos, int32_t window,
+                               const int32_t* groups, int64_t n_groups) {
+  const I16 qp = I16{} + qpos;
+  V16 top = Splat(-INFINITY);
+  for (int64_t g = 0; g < n_groups; ++g) {
+    for (int64_t j = int64_t{groups[g]} * kKeyGroup, e = j + kKeyGroup; j < e; j += 16) {
+      I16 kp;
+      std::memcpy(&kp, kpos + j, sizeof kp);
+      I16 seen = kp <= qp;
+      if (window > 0) seen &= (qp - kp) < (I16{} + window);
+      const V16 x = Load(s + j);
+      const V16 masked = seen ? x : Splat(-INFINITY);
+      top = masked > top ? masked : top;
+      Store(s + j, masked);
+    }
+  }
+  float m = -INFINITY;
+  for (int l = 0; l < 16; ++l) m = std::max(m, top[l]);
+  if (m == -INFINITY) m = 0.0f;  // nothing seen: every p is 0
+  const V16 mv = Splat(m);
+  V16 sum = V16{};
+  for (int64_t g = 0; g < n_groups; ++g) {
+    for (int64_t j = int64_t{groups[g]} * kKeyGroup, e = j + kKeyGroup; j < e; j += 16) {
+      const V16 x = Load(s + j);
+      const V16 e16 = Exp(x - mv);
+      const V16 p = x == Splat(-INFINITY) ? V16{} : e16;
+      sum += p;
+      Store(s + j, p);
+    }
+  }
+  float total = 0.0f;
+  for (int l = 0; l < 16; ++l) total += sum[l];
+  return total;
+}
+
+// One work item: query rows [t0, t1) of batch row b and kv head h, with its G query heads.
+// A query vector's result depends on nothing but its own row, whatever shares its tiles:
+// every score and value sum runs over the keys in order, and keys it does not see add exact
+// zeros (p = 0) or are skipped.
+static void RunItem(const Problem& pr, const Item& it, float* scratch) {
+  const int64_t S = pr.S_pad, D = pr.D, H = pr.H, G = pr.G, T = pr.T;
+  const float* kt = pr.kt + (it.b * pr.KV + it.h) * D * S;
+  const float* v = pr.v + (it.b * pr.KV + it.h) * S * D;
+  const int32_t* kpos = pr.kpos + it.b * S;
+  const int32_t* qpos = pr.qpos + it.b * T;
+  const int64_t n_vec = (it.t1 - it.t0) * G;  // query vectors (row, head), row-major
+  float* scores = scratch;                    // [n_vec, S_pad], then the softmax weights
+  float* totals = scores + n_vec * pr.S_pad;  // [n_vec]
+  float* spare = totals + n_vec;              // [D]: where tail tiles' extra rows go
+  int32_t* groups = reinterpret_cast<int32_t*>(spare + D);
+  auto row_of = [&](int64_t n) { return it.t0 + n / G; };
+  auto head_of = [&](int64_t n) { return it.h * G + n % G; };
+  // The key groups any row of the item sees: only these are computed (the causal future and
+  // what is past a sliding window are skipped). Every row's scores and weights are written
+  // over all of them, so the value sums read no stale scratch.
+  int32_t pmin = INT32_MAX, pmax = INT32_MIN;
+  for (int64_t t = it.t0; t < it.t1; ++t) {
+    pmin = std::min(pmin, qpos[t]);
+    pmax = std::max(pmax, qpos[t]);
+  }
+  const int64_t all_groups = S / kKeyGroup;
+  const int32_t* gmin = pr.group_min + it.b * all_groups;
+  const int32_t* gmax = pr.group_max + it.b * all_groups;
+  int64_t n_groups = 0;
+  for (int64_t g = 0; g < all_groups; ++g) {
+    if (gmin[g] > pmax) continue;
+    if (pr.window > 0 && pmin - gmax[g] >= pr.window) continue;
+    groups[n_groups++] = static_cast<int32_t>(g);
+  }
+  for (int64_t first = 0; first < n_vec; first += kQueries) {
+    const float* qv[kQueries];
+    float* sv[kQueries];
+    for (int i = 0; i < kQueries; ++i) {  // a tail tile repeats its last vector
+      const int64_t n = std::min(first + i, n_vec - 1);
+      qv[i] = pr.q + ((it.b * T + row_of(n)) * H + head_of(n)) * D;
+      sv[i] = scores + n * S;
+    }
+    for (int64_t g = 0; g < n_groups; ++g)
+      ScoreTile(qv, kt, S, D, int64_t{groups[g]} * kKeyGroup, sv);
+    for (int64_t n = first; n < std::min(first + kQueries, n_vec); ++n)
+      totals[n] = SoftmaxRow(scores + n * S, kpos, qpos[row_of(n)], pr.window, groups, n_groups);
+  }
+  for (int64_t first = 0; first < n_vec; first += kValueQueries) {
+    const float* pv[kValueQueries];
+    for (int i = 0; i < kValueQueries; ++i)
+      pv[i] = scores + std::min(first + i, n_vec - 1) * pr.S_pad;
+    for (int64_t c0 = 0; c0 < D; c0 += 16 * kValueCols) {
+      float* dst[kValueQueries];
+      for (int i = 0; i < kValueQueries; ++i) {
+        const int64_t n = first + i;
+        dst[i] = n < n_vec ? pr.out + ((it.b * T + row_of(n)) * H + head_of(n)) * D : spare;
+      }
+      ValueTile(pv, v, D, c0, groups, n_groups, dst);
+    }
+    for (int64_t n = first; n < std::min(first + kValueQueries, n_vec); ++n) {
+      float* o = pr.out + ((it.b * T + row_of(n)) * H + head_of(n)) * D;
+      const float total = totals[n] > 0.0f ? totals[n] : 1.0f;  // 0: nothing seen, o is 0
+      for (int64_t c = 0; c < D; ++c) o[c] = o[c] / total;
+    }
+  }
+}

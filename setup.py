@@ -101,7 +101,12 @@ def _extensions() -> list[Extension]:
             ],
             depends=[
                 os.path.join(KERNEL_DIR, f)
-                for f in ("gguf_matmul_isa.h", "gguf_matmul_amx.h", "prefill_attention_isa.h")
+                for f in (
+                    "gguf_matmul_isa.h",
+                    "gguf_matmul_amx.h",
+                    "gguf_matmul_amx_bf16.h",
+                    "prefill_attention_isa.h",
+                )
             ],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"],

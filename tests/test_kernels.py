@@ -99,6 +99,52 @@ def np_block_matmul(x, qs, d, m, fmt):
     return y, mag, idot
 
 
+def np_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 rounded to bfloat16 (to nearest even), returned as float32."""
+    bits = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def np_dequantize(qs, d, m, fmt) -> np.ndarray:
+    """The weight [N, nb, 32] in float32, as the AMX-BF16 path dequantizes it (q4_1 with one
+    rounding: a fused multiply-add, computed here in float64 and rounded once)."""
+    w = d.astype(np.float64)[..., None] * np_weight_ints(qs, fmt)
+    if fmt == "q4_1":
+        w = w + m.astype(np.float64)[..., None]
+    return w.astype(np.float32)
+
+
+def np_block_matmul_bf16(x, qs, d, m, fmt):
+    """The AMX-BF16 row-tiled path's math: x rounded to bfloat16, times the weight as hi + lo
+    bfloat16s. (y float64 [M, N], sum of |products| [M, N])."""
+    w = np_dequantize(qs, d, m, fmt)
+    hi = np_bf16(w)
+    lo = np_bf16(w - hi)
+    n = w.shape[0]
+    xb = np_bf16(x).astype(np.float64)
+    wk = (hi.astype(np.float64) + lo.astype(np.float64)).reshape(n, -1)
+    return xb @ wk.T, np.abs(xb) @ np.abs(wk).T
+
+
+def takes_bf16_path(isa, row_tiled, m_rows) -> bool:
+    """Whether a call runs the AMX-BF16 row-tiled path (x in bfloat16, not int8 blocks)."""
+    active = isa if isa is not None else (kernels.isa() if kernels.available() else None)
+    tiled = m_rows >= 16 if row_tiled is None else row_tiled
+    return active == "amxbf16" and tiled
+
+
+def expected(x, qs, d, m, fmt, isa, row_tiled):
+    """(reference float64, the magnitude its tolerance scales with, tolerance factor) for the
+    path a call takes: the bf16 one sums up to K float32 products in tiles (its tolerance is
+    looser than the int8 blocks', whose per-block terms are exact integers times scales)."""
+    if takes_bf16_path(isa, row_tiled, x.shape[0]):
+        ref, mag = np_block_matmul_bf16(x, qs, d, m, fmt)
+        return ref, mag, 4e-5
+    ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
+    return ref, mag, 1e-5
+
+
 def random_problem(fmt, m_rows, n, k, *, x_scale=1.0, d_scale=0.05, zero_blocks=True):
     nb = k // 32
     x = (RNG.standard_normal((m_rows, k)) * x_scale).astype(np.float32)
@@ -116,11 +162,11 @@ def random_problem(fmt, m_rows, n, k, *, x_scale=1.0, d_scale=0.05, zero_blocks=
     return x, qs, d, m
 
 
-def check(y, ref, mag, what=""):
+def check(y, ref, mag, what="", rtol=1e-5):
     y = np.asarray(y, np.float64)
     assert y.shape == ref.shape, what
     err = np.abs(y - ref)
-    bound = 1e-5 * mag + 1e-30
+    bound = rtol * mag + 1e-30
     worst = np.unravel_index(np.argmax(err / bound), err.shape)
     assert np.all(err <= bound), (
         f"{what}: worst at {worst}: {y[worst]} vs {ref[worst]} (|terms| {mag[worst]})"
@@ -135,7 +181,7 @@ def test_available_where_expected():
     if EXPECT_KERNEL:
         assert kernels.available(), kernels.unavailable_reason()
         assert kernels.unavailable_reason() is None
-        assert kernels.isa() in ("avx2", "avxvnni", "avx512vnni", "amx")
+        assert kernels.isa() in ("avx2", "avxvnni", "avx512vnni", "amx", "amxbf16")
         assert "avx2" in kernels._supported_isas()
     else:
         assert not kernels.available()
@@ -255,13 +301,13 @@ def test_kernel_matches_numpy(fmt, each_isa):
     """Every shape (few rows, and the row-tiled ones) through each path."""
     for m_rows, n, k in SHAPES + ROW_TILED_SHAPES:
         x, qs, d, m = random_problem(fmt, m_rows, n, k)
-        ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
         for isa in each_isa:
             _use(isa)
             for path, row_tiled in _row_paths(isa):
+                ref, mag, rtol = expected(x, qs, d, m, fmt, isa, row_tiled)
                 call = jax.jit(partial(kernels.block_matmul, fmt=fmt, row_tiled=row_tiled))
                 what = f"{fmt} {isa} {path} M={m_rows} N={n} K={k}"
-                check(call(x, qs, d, m), ref, mag, what)
+                check(call(x, qs, d, m), ref, mag, what, rtol)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -337,30 +383,34 @@ def test_kernel_integer_exact(fmt, m_rows, n, each_isa):
     if fmt == "q4_1":
         exact = exact + np.einsum("mb,nb->mn", xq.sum(-1), m.astype(np.int64))
     assert np.abs(exact).max() < 2**24
+    # The AMX-BF16 path takes x as it is (integers and halves below 2^8: exact in bfloat16),
+    # the weight as integers (exact in hi): every partial sum is a multiple of 1/2 below 2^23.
+    w = np_dequantize(qs, d, m, fmt).reshape(n, k).astype(np.float64)
+    exact_bf16 = np.einsum("mk,nk->mn", x.astype(np.float64), w)
+    assert np.abs(exact_bf16).max() < 2**22
     for isa in each_isa:
         _use(isa)
         for path, row_tiled in _row_paths(isa):
             call = jax.jit(partial(kernels.block_matmul, fmt=fmt, row_tiled=row_tiled))
             y = np.asarray(call(x, qs, d, m))
-            np.testing.assert_array_equal(
-                y, exact.astype(np.float32), err_msg=f"{fmt} {isa} {path}"
-            )
+            want = exact_bf16 if takes_bf16_path(isa, row_tiled, m_rows) else exact
+            np.testing.assert_array_equal(y, want.astype(np.float32), err_msg=f"{fmt} {isa} {path}")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_row_tiled_path_threads(fmt, each_isa):
     """The row-tiled path split over the pool in 8-row chunks (N odd: a partial last panel)."""
     x, qs, d, m = random_problem(fmt, 70, 77, 192)
-    ref, mag, _ = np_block_matmul(x, qs, d, m, fmt)
     call = jax.jit(partial(kernels.block_matmul, fmt=fmt))
     for isa in each_isa:
         _use(isa)
+        ref, mag, rtol = expected(x, qs, d, m, fmt, isa, True)
         if isa is None:
-            check(call(x, qs, d, m), ref, mag, f"{fmt} fallback")
+            check(call(x, qs, d, m), ref, mag, f"{fmt} fallback", rtol)
             continue
         kernels._set_gemm_min_rows(1)
         kernels._set_threads(0, 0)
-        check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} row-tiled threaded")
+        check(call(x, qs, d, m), ref, mag, f"{fmt} {isa} row-tiled threaded", rtol)
         stats = kernels._last_call()
         assert stats["threads"] >= 2 and stats["chunks"] > 1, stats
         kernels._set_threads(0, 4096)
@@ -399,7 +449,9 @@ def test_reference_gives_the_kernels_bits(fmt, each_isa):
     every instruction set: block counts from 1 to 48 (lanes with no block, one, several), rows
     below and past the row-tiled path's 16 and AMX's tiles of 16, weight rows not a multiple
     of 16. (Without the kernels, block_matmul is the
-    twin: the check still runs, trivially.)"""
+    twin: the check still runs, trivially.) The AMX-BF16 row-tiled path has other math (x in
+    bfloat16) and no bit twin: there it is checked against its numpy model, and its rows
+    against themselves computed alone (the bits a row must keep in any batch)."""
     shapes = [(1, 17, 32), (3, 8, 288), (5, 192, 576), (17, 33, 544), (20, 40, 1536)]
     # 530 rows: past the AMX path's 512-row chunk of packed x.
     for m_rows, n, k in [*shapes, (530, 24, 96)]:
@@ -411,7 +463,13 @@ def test_reference_gives_the_kernels_bits(fmt, each_isa):
                 _use(isa)
                 got = np.asarray(kernels.block_matmul(x, qs, d, m, fmt, row_tiled))
                 what = f"{fmt} {isa} row_tiled={row_tiled} M={m_rows} N={n} K={k}"
-                np.testing.assert_array_equal(got, want, err_msg=what)
+                if takes_bf16_path(isa, row_tiled, m_rows):
+                    ref, mag, rtol = expected(x, qs, d, m, fmt, isa, row_tiled)
+                    check(got, ref, mag, what, rtol)
+                    last = np.asarray(kernels.block_matmul(x[-1:], qs, d, m, fmt, True))
+                    np.testing.assert_array_equal(got[-1:], last, err_msg=what)
+                else:
+                    np.testing.assert_array_equal(got, want, err_msg=what)
 
 
 def test_reference_and_kernel_accept_leading_axes():

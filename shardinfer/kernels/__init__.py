@@ -33,6 +33,14 @@ weight rows at a time on AMX tiles, with the same bits). Both compute every bloc
 the row-tiled path adds the per-block float terms block after block, the decode tiles in 8
 lanes (blocks b mod 8) that are summed at the end, so a row's last bits depend on the path.
 
+On CPUs with AMX-BF16 and AVX512-BF16 (`isa()` "amxbf16") the row-tiled path computes other
+math, about 2x faster there: x rounded to bfloat16 (not to int8 blocks), each weight block
+dequantized to float32 and split into two bfloat16s (hi + lo, within 2^-17 of it), summed
+over all of K in float32 on the tiles (gguf_matmul_amx_bf16.h). It is closer to the float32
+model than the int8 blocks (SmolLM2's prefill logits: KL 0.0001 against 0.005) and a row's
+bits still depend only on that row, but it has no bit twin here: `block_matmul_reference`
+follows the int8-block paths.
+
 Threads: each call splits N over XLA's intra-op thread pool (and the calling thread) when it has
 at least 4096 block dots (N * K/32 * M); `set_threads(n)` caps the threads per call (1: the
 calling thread only, better on a machine whose cores are busy with other work; the command
@@ -80,7 +88,7 @@ _FORMATS = {
     "q4_1": ("shardinfer_gguf_q4_1_matmul", "ShardinferGgufQ4_1Matmul", np.uint8, 16, True),
 }
 FORMATS = tuple(_FORMATS)
-_ISA_NAMES = {1: "avx2", 2: "avxvnni", 3: "avx512vnni", 4: "amx"}
+_ISA_NAMES = {1: "avx2", 2: "avxvnni", 3: "avx512vnni", 4: "amx", 5: "amxbf16"}
 _GEMM_MIN_ROWS = 16  # gguf_matmul.cc kGemmMinRowsDefault: row_tiled=None picks by this
 ATTENTION_TARGET = "shardinfer_prefill_attention"  # prefill_attention.cc, used by attention.py
 
@@ -168,8 +176,9 @@ def unavailable_reason() -> str | None:
 
 
 def isa() -> str | None:
-    """The instruction set the kernels use: "amx" (AVX-512 VNNI, and AMX tiles for many rows),
-    "avx512vnni", "avxvnni", "avx2", or None."""
+    """The instruction set the kernels use: "amxbf16" (AVX-512 VNNI, and for many rows AMX
+    tiles in bfloat16: other math, see the module docstring), "amx" (AVX-512 VNNI, and AMX
+    int8 tiles for many rows, the same bits), "avx512vnni", "avxvnni", "avx2", or None."""
     lib = _load()
     return None if lib is None else _ISA_NAMES.get(lib.ShardinferGgufIsa())
 

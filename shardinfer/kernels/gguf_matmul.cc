@@ -92,6 +92,7 @@ struct Problem {
   // x rounded and re-laid out once per call for every thread's chunks (the AMX path:
   // gguf_matmul_amx.h `prepare`), or null.
   const unsigned char* xpack = nullptr;
+  const float* x = nullptr;  // x as given [M, 32 nb] (the AMX-BF16 path rounds it itself)
 };
 
 // fn(std::integral_constant<Fmt, F>{}) for the format f: the one switch from a run-time
@@ -194,13 +195,14 @@ namespace shardinfer_gguf {
 #if SI_HAVE_AMX
 #if defined(__clang__)
 #pragma clang attribute push( \
-    __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,amx-tile,amx-int8"))), \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,amx-tile,amx-int8,amx-bf16,avx512bf16"))), \
     apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,amx-tile,amx-int8")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,amx-tile,amx-int8,amx-bf16,avx512bf16")
 #endif
 #include "gguf_matmul_amx.h"
+#include "gguf_matmul_amx_bf16.h"
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -210,7 +212,7 @@ namespace shardinfer_gguf {
 
 // ---- dispatch ---------------------------------------------------------------------------------
 
-enum Isa : int { kNone = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kAmx = 4 };
+enum Isa : int { kNone = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kAmx = 4, kAmxBf16 = 5 };
 
 // AMX-TILE and AMX-INT8, the OS saving tile state (XCR0 bits 17, 18), and Linux granting this
 // process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
@@ -245,7 +247,12 @@ static int DetectIsa() {
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) &&  // F BW VL
                       (c & (1u << 11)) &&                                           // VNNI
                       (xlo & 0xE6) == 0xE6;  // and the OS saves opmask and ZMM state
-  if (avx512) return HaveAmx(xlo) ? kAmx : kAvx512Vnni;
+  if (avx512 && HaveAmx(xlo)) {
+    const bool amx_bf16 = d & (1u << 22);  // CPUID 7.0 EDX
+    const bool avx512_bf16 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+    return amx_bf16 && avx512_bf16 ? kAmxBf16 : kAmx;
+  }
+  if (avx512) return kAvx512Vnni;
 #if SI_HAVE_AVXVNNI
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4))) return kAvxVnni;
 #endif
@@ -266,11 +273,14 @@ struct Kernels {
   void (*quantize)(const float*, int64_t, int64_t, XLayout, const Problem&);
   void (*run)(const Problem&, int64_t, int64_t);
   void (*prepare)(Problem&) = nullptr;  // after quantize, before the chunks run (may be null)
+  bool gemm_from_x = false;  // the row-tiled path reads x as given: no rounding to int8 blocks
 };
 
 static Kernels KernelsFor(int isa) {
   switch (isa) {
 #if SI_HAVE_AMX
+    case kAmxBf16:  // the row-tiled path in bfloat16 on tiles (from x as given); decode as AVX-512
+      return {isa_avx512vnni::quantize_rows, isa_amx_bf16::run, isa_amx_bf16::prepare, true};
     case kAmx:  // the row-tiled path on tiles; x's rounding and the decode tiles as AVX-512's
       return {isa_avx512vnni::quantize_rows, isa_amx::run, isa_amx::prepare};
 #endif
@@ -418,12 +428,14 @@ static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, cons
   p.y = y;
   p.gemm = path == kPathByRows ? M >= g_gemm_min_rows.load(std::memory_order_relaxed)
                                : path == kPathRowTiled;
+  p.x = x;
   const Kernels k = KernelsFor(isa);
-  k.quantize(x, 0, M,
-             p.gemm                ? XLayout::kNatural
-             : fmt == Fmt::kQ8_0 ? XLayout::kQ8Pairs
-                                 : XLayout::kQ4Pairs,
-             p);
+  if (!(p.gemm && k.gemm_from_x))
+    k.quantize(x, 0, M,
+               p.gemm                ? XLayout::kNatural
+               : fmt == Fmt::kQ8_0 ? XLayout::kQ8Pairs
+                                   : XLayout::kQ4Pairs,
+               p);
   if (k.prepare != nullptr) k.prepare(p);
   Compute(p, k, pool);
 }

@@ -71,6 +71,7 @@ __all__ = [
     "FORMATS",
     "available",
     "block_matmul",
+    "block_matmul_many",
     "block_matmul_reference",
     "isa",
     "quantize_x_reference",
@@ -87,6 +88,8 @@ _FORMATS = {
     "q4_0": ("shardinfer_gguf_q4_0_matmul", "ShardinferGgufQ4_0Matmul", np.uint8, 16, False),
     "q4_1": ("shardinfer_gguf_q4_1_matmul", "ShardinferGgufQ4_1Matmul", np.uint8, 16, True),
 }
+# Several weights against one x in one call (block_matmul_many): target "<single>_many",
+# library symbol "<single>Many".
 FORMATS = tuple(_FORMATS)
 _ISA_NAMES = {1: "avx2", 2: "avxvnni", 3: "avx512vnni", 4: "amx", 5: "amxbf16"}
 _GEMM_MIN_ROWS = 16  # gguf_matmul.cc kGemmMinRowsDefault: row_tiled=None picks by this
@@ -146,6 +149,7 @@ def _load() -> ctypes.CDLL | None:
                     lib = None
                 else:
                     targets = [(t, sym) for t, sym, *_ in _FORMATS.values()]
+                    targets += [(t + "_many", sym + "Many") for t, sym, *_ in _FORMATS.values()]
                     targets.append((ATTENTION_TARGET, "ShardinferPrefillAttention"))
                     for target, symbol in targets:
                         capsule = jax.ffi.pycapsule(getattr(lib, symbol))
@@ -483,9 +487,13 @@ def _ffi_call(target: str, result: jax.ShapeDtypeStruct, ops: tuple, **attrs) ->
         for a in ops
     )
     y = jax.ffi.ffi_call(target, result, vmap_method="sequential")(*ops, **attrs)
-    if axes and _varying(y) != axes:
-        y = jax.lax.pcast(y, tuple(sorted(axes - _varying(y), key=str)), to="varying")
-    return y
+
+    def varying(y):
+        if axes and _varying(y) != axes:
+            y = jax.lax.pcast(y, tuple(sorted(axes - _varying(y), key=str)), to="varying")
+        return y
+
+    return [varying(a) for a in y] if isinstance(result, list) else varying(y)
 
 
 def _ffi_matmul(ops: tuple, fmt: str, n: int, row_tiled: bool | None) -> jax.Array:
@@ -530,3 +538,36 @@ def block_matmul(x, qs, d, m, fmt: str, row_tiled: bool | None = None) -> jax.Ar
 
     y = jax.lax.platform_dependent(*operands, cpu=on_cpu, default=elsewhere)
     return y.reshape(*lead, n)
+
+
+def block_matmul_many(x, weights, fmt: str, row_tiled: bool | None = None) -> list[jax.Array]:
+    """`block_matmul` of one x against several weights of one format, [(qs, d, m), ...]: a
+    list of float32 [M, N_i]. With the kernels, one call: x is rounded (and packed) once for
+    all of them and their rows are split over the threads together (a layer's q, k and v, or
+    its gate and up). Each result is the bits `block_matmul` gives for that weight alone."""
+    if not weights:
+        raise ValueError("block_matmul_many needs at least one weight")
+    shapes = [_check(x, qs, d, m, fmt) for qs, d, m in weights]
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, shapes[0][0])
+    flat = [a for qs, d, m in weights for a in ((qs, d) if m is None else (qs, d, m))]
+    per = 3 if fmt == "q4_1" else 2
+
+    def split(ops):  # (qs, d, m or None) per weight
+        return [(*ops[1 + per * i : 1 + per * (i + 1)], None)[:3] for i in range(len(weights))]
+
+    def on_cpu(*ops):
+        if not available():
+            return [block_matmul_reference(ops[0], *w, fmt, row_tiled) for w in split(ops)]
+        results = [jax.ShapeDtypeStruct((ops[0].shape[0], n), jnp.float32) for _, n, _ in shapes]
+        return list(_ffi_call(_FORMATS[fmt][0] + "_many", results, ops,
+                              path=np.int32(_PATHS[row_tiled])))  # fmt: skip
+
+    def elsewhere(*ops):
+        return [block_matmul_dequantized(ops[0], *w, fmt) for w in split(ops)]
+
+    ys = jax.lax.platform_dependent(x2, *flat, cpu=on_cpu, default=elsewhere)
+    return [y.reshape(*lead, n) for y, (_, n, _) in zip(ys, shapes, strict=True)]

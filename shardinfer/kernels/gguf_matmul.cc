@@ -42,6 +42,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -311,22 +312,28 @@ struct Scratch {
 static size_t Align64(size_t n) { return (n + 63) & ~size_t{63}; }
 
 // Work shared by the caller and helpers; helpers that start after the call has ended find no
-// chunk left and touch nothing but this (kept alive by their shared_ptr).
+// chunk left and touch nothing but this (kept alive by their shared_ptr). A call may hold
+// several weights that share one x (a layer's q, k and v): one problem each, their rows split
+// into chunks together.
+struct Chunk {
+  int32_t problem;
+  int64_t begin, end;
+};
+
 struct Shared {
-  Problem p;
+  std::vector<Problem> ps;
   Kernels k;
-  int64_t chunk_rows = 0, n_chunks = 0;
+  std::vector<Chunk> chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
   int64_t Work() {
     int64_t mine = 0;
+    const int64_t n_chunks = static_cast<int64_t>(chunks.size());
     for (;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
       if (c >= n_chunks) break;
-      const int64_t b = c * chunk_rows;
-      const int64_t e = std::min(p.n_total, b + chunk_rows);
-      k.run(p, b, e);
+      k.run(ps[chunks[c].problem], chunks[c].begin, chunks[c].end);
       ++mine;
     }
     if (mine) done.fetch_add(mine, std::memory_order_release);
@@ -338,8 +345,11 @@ struct Shared {
 // its chunks, and how many of them the calling thread ran itself.
 static std::atomic<int64_t> g_stat_pool{-1}, g_stat_threads{0}, g_stat_chunks{0}, g_stat_own{0};
 
-static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
-  const int64_t work = p.n_total * p.nb * p.m_total;
+static void Compute(const std::vector<Problem>& ps, const Kernels& k, ffi::ThreadPool* pool) {
+  const Problem& p = ps[0];  // every problem has the same x (m_total, nb) and path
+  int64_t n_all = 0;
+  for (const Problem& q : ps) n_all += q.n_total;
+  const int64_t work = n_all * p.nb * p.m_total;
   int64_t threads = 1;
   const int64_t pool_size = pool != nullptr ? pool->num_threads() : -1;
   g_stat_pool.store(pool_size, std::memory_order_relaxed);
@@ -354,8 +364,8 @@ static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
   // Chunks start at a multiple of every variant's tile rows and panels: 8, or the AMX
   // panels' 16 on the row-tiled path (decode keeps 8: finer chunks for its small matmuls).
   const int64_t kRowAlign = p.gemm ? 16 : 8;
-  if (threads <= 1 || p.n_total < 2 * kRowAlign) {
-    k.run(p, 0, p.n_total);
+  if (threads <= 1 || n_all < 2 * kRowAlign) {
+    for (const Problem& q : ps) k.run(q, 0, q.n_total);
     return;
   }
   // About 2 chunks per thread (helpers may start late or share their cores), none tiny: in a
@@ -363,23 +373,25 @@ static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
   // and a threshold of 2048-4096 block dots beat 16384 (9.1 -> 6.6-7 ms on 2 cores).
   const int64_t min_rows = std::max<int64_t>(kRowAlign, (g_parallel_min.load() / 4) /
                                                             std::max<int64_t>(1, p.nb * p.m_total));
-  int64_t rows = (p.n_total + 2 * threads - 1) / (2 * threads);
+  int64_t rows = (n_all + 2 * threads - 1) / (2 * threads);
   rows = std::max(rows, min_rows);
   rows = (rows + kRowAlign - 1) / kRowAlign * kRowAlign;
   auto sh = std::make_shared<Shared>();
-  sh->p = p;
+  sh->ps = ps;
   sh->k = k;
-  sh->chunk_rows = rows;
-  sh->n_chunks = (p.n_total + rows - 1) / rows;
-  const int64_t helpers = std::min<int64_t>(threads - 1, sh->n_chunks - 1);
+  for (int32_t i = 0; i < static_cast<int32_t>(ps.size()); ++i)
+    for (int64_t b = 0; b < ps[i].n_total; b += rows)
+      sh->chunks.push_back({i, b, std::min(ps[i].n_total, b + rows)});
+  const int64_t n_chunks = static_cast<int64_t>(sh->chunks.size());
+  const int64_t helpers = std::min<int64_t>(threads - 1, n_chunks - 1);
   for (int64_t i = 0; i < helpers; ++i) pool->Schedule([sh] { sh->Work(); });
   const int64_t own = sh->Work();
   g_stat_threads.store(helpers + 1, std::memory_order_relaxed);
-  g_stat_chunks.store(sh->n_chunks, std::memory_order_relaxed);
+  g_stat_chunks.store(n_chunks, std::memory_order_relaxed);
   g_stat_own.store(own, std::memory_order_relaxed);
   // Whatever is not done yet has been claimed by a running helper.
   int spins = 0;
-  while (sh->done.load(std::memory_order_acquire) < sh->n_chunks) {
+  while (sh->done.load(std::memory_order_acquire) < n_chunks) {
     if (++spins < 4096) {
       _mm_pause();
     } else {
@@ -391,10 +403,20 @@ static void Compute(const Problem& p, const Kernels& k, ffi::ThreadPool* pool) {
 // Which path a call takes: by its rows, the decode tiles, or the row-tiled path.
 enum Path : int32_t { kPathByRows = 0, kPathFewRows = 1, kPathRowTiled = 2 };
 
-// y [M, N] = x [M, 32 nb] times the blocks (qs, d, m) of N rows; pool may be null.
-static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, const uint8_t* qs,
-                   const uint16_t* d, const uint16_t* m, int64_t N, float* y,
-                   ffi::ThreadPool* pool, int32_t path = kPathByRows) {
+// One weight of a call: its blocks (qs, d, m) of N rows, and where its y [M, N] goes.
+struct Weight {
+  const uint8_t* qs;
+  const uint16_t* d;
+  const uint16_t* m;
+  int64_t n;
+  float* y;
+};
+
+// y_i [M, N_i] = x [M, 32 nb] times the blocks of each weight i, x rounded (and packed) once
+// for all of them; pool may be null.
+static void MatmulMany(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb,
+                       const std::vector<Weight>& ws, ffi::ThreadPool* pool,
+                       int32_t path = kPathByRows) {
   const int64_t qbytes = fmt == Fmt::kQ8_0 ? 32 : 16;
   const int64_t nb_pad = (nb + 7) / 8 * 8;
   const int64_t xq_row = 32 * ((nb + 1) / 2 * 2);
@@ -405,13 +427,9 @@ static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, cons
   Problem p;
   p.fmt = fmt;
   p.m_total = M;
-  p.n_total = N;
   p.nb = nb;
   p.nb_pad = nb_pad;
-  p.qs = qs;
   p.qs_row_bytes = qbytes * nb;
-  p.d = d;
-  p.m = m;
   p.xq = reinterpret_cast<const int8_t*>(base);
   p.xq_row_bytes = xq_row;
   auto* dx = reinterpret_cast<float*>(base + xq_bytes);
@@ -425,7 +443,6 @@ static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, cons
   p.dx = dx;
   p.xsum = xsum;
   p.sx = sx;
-  p.y = y;
   p.gemm = path == kPathByRows ? M >= g_gemm_min_rows.load(std::memory_order_relaxed)
                                : path == kPathRowTiled;
   p.x = x;
@@ -437,51 +454,114 @@ static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, cons
                                    : XLayout::kQ4Pairs,
                p);
   if (k.prepare != nullptr) k.prepare(p);
-  Compute(p, k, pool);
+  std::vector<Problem> ps;
+  for (const Weight& w : ws) {
+    if (w.n == 0) continue;
+    Problem q = p;
+    q.qs = w.qs;
+    q.d = w.d;
+    q.m = w.m;
+    q.n_total = w.n;
+    q.y = w.y;
+    ps.push_back(q);
+  }
+  if (!ps.empty()) Compute(ps, k, pool);
 }
 
-static ffi::Error Run(Fmt fmt, ffi::ThreadPool* pool, ffi::AnyBuffer x, ffi::AnyBuffer qs,
-                      ffi::AnyBuffer d, const ffi::AnyBuffer* m, ffi::Result<ffi::AnyBuffer> y,
-                      int32_t path) {
-  if (path < kPathByRows || path > kPathRowTiled)
-    return ffi::Error::InvalidArgument("shardinfer GGUF kernels: path must be 0, 1 or 2");
-  const int isa = g_isa.load(std::memory_order_relaxed);
-  if (isa == kNone)
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      "shardinfer GGUF kernels: this CPU lacks AVX2+FMA+F16C");
+// y [M, N] = x [M, 32 nb] times the blocks (qs, d, m) of N rows; pool may be null.
+static void Matmul(Fmt fmt, int isa, const float* x, int64_t M, int64_t nb, const uint8_t* qs,
+                   const uint16_t* d, const uint16_t* m, int64_t N, float* y,
+                   ffi::ThreadPool* pool, int32_t path = kPathByRows) {
+  MatmulMany(fmt, isa, x, M, nb, {Weight{qs, d, m, N, y}}, pool, path);
+}
+
+// One weight's buffers checked against x (dtypes, shapes): its Weight, or the error.
+static ffi::ErrorOr<Weight> CheckWeight(Fmt fmt, ffi::AnyBuffer x, ffi::AnyBuffer qs,
+                                        ffi::AnyBuffer d, const ffi::AnyBuffer* m,
+                                        ffi::Result<ffi::AnyBuffer>& y) {
   using DT = ffi::DataType;
   const DT want_q = fmt == Fmt::kQ8_0 ? DT::S8 : DT::U8;
   if (x.element_type() != DT::F32 || qs.element_type() != want_q ||
       d.element_type() != DT::F16 || (m != nullptr && m->element_type() != DT::F16) ||
       y->element_type() != DT::F32)
-    return ffi::Error::InvalidArgument(
-        "shardinfer GGUF kernels: want x f32, qs s8 (q8_0) or u8 (q4), d and m f16, y f32");
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "shardinfer GGUF kernels: want x f32, qs s8 (q8_0) or u8 (q4), d and m f16, y f32"));
   const auto xd = x.dimensions();
   const auto qd = qs.dimensions();
   const auto dd = d.dimensions();
   const auto yd = y->dimensions();
   const int64_t qbytes = fmt == Fmt::kQ8_0 ? 32 : 16;
   if (xd.size() != 2 || qd.size() != 3 || dd.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("shardinfer GGUF kernels: x, qs, d, y must be 2-, 3-, 2-, 2-D");
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "shardinfer GGUF kernels: x, qs, d, y must be 2-, 3-, 2-, 2-D"));
   const int64_t M = xd[0], K = xd[1], N = qd[0], nb = qd[1];
   if (K != 32 * nb || qd[2] != qbytes || dd[0] != N || dd[1] != nb || yd[0] != M || yd[1] != N)
-    return ffi::Error::InvalidArgument("shardinfer GGUF kernels: shapes do not agree");
+    return ffi::Unexpected(
+        ffi::Error::InvalidArgument("shardinfer GGUF kernels: shapes do not agree"));
   if (m != nullptr) {
     const auto md = m->dimensions();
     if (md.size() != 2 || md[0] != N || md[1] != nb)
-      return ffi::Error::InvalidArgument("shardinfer GGUF kernels: m must have d's shape");
+      return ffi::Unexpected(
+          ffi::Error::InvalidArgument("shardinfer GGUF kernels: m must have d's shape"));
   }
-  if (M == 0 || N == 0) return ffi::Error::Success();
+  return Weight{static_cast<const uint8_t*>(qs.untyped_data()),
+                static_cast<const uint16_t*>(d.untyped_data()),
+                m != nullptr ? static_cast<const uint16_t*>(m->untyped_data()) : nullptr, N,
+                static_cast<float*>(y->untyped_data())};
+}
+
+static ffi::Error RunChecked(Fmt fmt, ffi::ThreadPool* pool, ffi::AnyBuffer x,
+                             const std::vector<Weight>& ws, int32_t path) {
+  if (path < kPathByRows || path > kPathRowTiled)
+    return ffi::Error::InvalidArgument("shardinfer GGUF kernels: path must be 0, 1 or 2");
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa == kNone)
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      "shardinfer GGUF kernels: this CPU lacks AVX2+FMA+F16C");
+  const int64_t M = x.dimensions()[0], nb = x.dimensions()[1] / 32;
+  if (M == 0) return ffi::Error::Success();
   if (nb == 0) {
-    std::memset(y->untyped_data(), 0, sizeof(float) * M * N);
+    for (const Weight& w : ws) std::memset(w.y, 0, sizeof(float) * M * w.n);
     return ffi::Error::Success();
   }
-  Matmul(fmt, isa, static_cast<const float*>(x.untyped_data()), M, nb,
-         static_cast<const uint8_t*>(qs.untyped_data()),
-         static_cast<const uint16_t*>(d.untyped_data()),
-         m != nullptr ? static_cast<const uint16_t*>(m->untyped_data()) : nullptr, N,
-         static_cast<float*>(y->untyped_data()), pool, path);
+  MatmulMany(fmt, isa, static_cast<const float*>(x.untyped_data()), M, nb, ws, pool, path);
   return ffi::Error::Success();
+}
+
+static ffi::Error Run(Fmt fmt, ffi::ThreadPool* pool, ffi::AnyBuffer x, ffi::AnyBuffer qs,
+                      ffi::AnyBuffer d, const ffi::AnyBuffer* m, ffi::Result<ffi::AnyBuffer> y,
+                      int32_t path) {
+  auto w = CheckWeight(fmt, x, qs, d, m, y);
+  if (w.has_error()) return w.error();
+  return RunChecked(fmt, pool, x, {w.value()}, path);
+}
+
+// Several weights against one x: args (qs, d[, m]) per weight, one result each.
+static ffi::Error RunMany(Fmt fmt, ffi::ThreadPool* pool, ffi::AnyBuffer x,
+                          ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t path) {
+  const size_t per = fmt == Fmt::kQ4_1 ? 3 : 2;
+  if (rets.size() == 0 || args.size() != per * rets.size())
+    return ffi::Error::InvalidArgument(
+        "shardinfer GGUF kernels: want (qs, d[, m]) per weight and one result each");
+  std::vector<Weight> ws;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto qs = args.get<ffi::AnyBuffer>(per * i);
+    auto d = args.get<ffi::AnyBuffer>(per * i + 1);
+    auto y = rets.get<ffi::AnyBuffer>(i);
+    if (qs.has_error()) return qs.error();
+    if (d.has_error()) return d.error();
+    if (y.has_error()) return y.error();
+    std::optional<ffi::AnyBuffer> m;
+    if (per == 3) {
+      auto mm = args.get<ffi::AnyBuffer>(per * i + 2);
+      if (mm.has_error()) return mm.error();
+      m = mm.value();
+    }
+    auto w = CheckWeight(fmt, x, qs.value(), d.value(), m ? &*m : nullptr, y.value());
+    if (w.has_error()) return w.error();
+    ws.push_back(w.value());
+  }
+  return RunChecked(fmt, pool, x, ws, path);
 }
 
 static ffi::Error Q8_0(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qs, ffi::AnyBuffer d,
@@ -495,6 +575,18 @@ static ffi::Error Q4_0(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qs
 static ffi::Error Q4_1(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer qs, ffi::AnyBuffer d,
                        ffi::AnyBuffer m, ffi::Result<ffi::AnyBuffer> y, int32_t path) {
   return Run(Fmt::kQ4_1, &pool, x, qs, d, &m, y, path);
+}
+static ffi::Error Q8_0Many(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets, int32_t path) {
+  return RunMany(Fmt::kQ8_0, &pool, x, args, rets, path);
+}
+static ffi::Error Q4_0Many(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets, int32_t path) {
+  return RunMany(Fmt::kQ4_0, &pool, x, args, rets, path);
+}
+static ffi::Error Q4_1Many(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets, int32_t path) {
+  return RunMany(Fmt::kQ4_1, &pool, x, args, rets, path);
 }
 
 }  // namespace shardinfer_gguf
@@ -520,6 +612,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferGgufQ4_1Matmul, sg::Q4_1,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("path"));
+// Several weights sharing one x (a layer's q, k, v or gate, up): x, then (qs, d[, m]) per weight.
+#define SI_BIND_MANY(name, fn)                                                      \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                                           \
+                                ffi::Ffi::Bind()                                    \
+                                    .Ctx<ffi::ThreadPool>()                         \
+                                    .Arg<ffi::AnyBuffer>()                          \
+                                    .RemainingArgs()                                \
+                                    .RemainingRets()                                \
+                                    .Attr<int32_t>("path"));
+SI_BIND_MANY(ShardinferGgufQ8_0MatmulMany, sg::Q8_0Many)
+SI_BIND_MANY(ShardinferGgufQ4_0MatmulMany, sg::Q4_0Many)
+SI_BIND_MANY(ShardinferGgufQ4_1MatmulMany, sg::Q4_1Many)
 #pragma GCC visibility pop
 
 // Plain C helpers for the Python side (ctypes) and the tests.

@@ -61,7 +61,7 @@ struct Item {
 // Floats of scratch an item needs (RunItem's layout).
 static int64_t ScratchFloats(const Problem& p, int64_t rows) {
   const int64_t n_vec = rows * p.G;
-  return n_vec * p.S_pad + n_vec + p.D + p.S_pad / kKeyGroup + 16;
+  return (n_vec + 8) * p.S_pad + n_vec + p.D + 8 * p.D + p.S_pad / kKeyGroup + 16;
 }
 
 #if defined(__clang__)

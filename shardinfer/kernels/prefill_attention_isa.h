@@ -16,7 +16,10 @@ static inline __attribute__((always_inline)) V16 Load(const float* p) {
 static inline __attribute__((always_inline)) void Store(float* p, V16 v) {
   std::memcpy(p, &v, sizeof v);
 }
-static inline __attribute__((always_inline)) V16 Splat(float x) { return V16{} + x; }
+// (Not V16{} + x: that is an addition of 0, which the compiler must keep for x = -0.)
+static inline __attribute__((always_inline)) V16 Splat(float x) {
+  return V16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
 
 // exp(x) for x <= 0 (a score minus its row's maximum; -inf and anything below -87 give
 // exp(-87), which the caller's mask turns into 0). 2^n * P(r) with n = round(x / ln 2),
@@ -43,11 +46,11 @@ static inline __attribute__((always_inline)) V16 Exp(V16 x) {
   return p * scale;
 }
 
-// Scores of kQueries query vectors against keys [j0, j0 + 32): each a sum over head_dim in
-// order, one fused multiply-add per term (kt is [D, S]: keys along its rows).
-static inline __attribute__((always_inline)) void ScoreTile(const float* const* q,
-                                                             const float* kt, int64_t S,
-                                                             int64_t D, int64_t j0,
+// Scores of kQueries query vectors (qd [D][kQueries]: the tile's queries, head_dim first)
+// against keys [j0, j0 + 32): each a sum over head_dim in order, one fused multiply-add per
+// term (kt is [D, S]: keys along its rows).
+static inline __attribute__((always_inline)) void ScoreTile(const float* qd, const float* kt,
+                                                             int64_t S, int64_t D, int64_t j0,
                                                              float* const* out) {
   V16 acc[kQueries][2];
   for (int i = 0; i < kQueries; ++i) acc[i][0] = acc[i][1] = V16{};
@@ -56,9 +59,9 @@ static inline __attribute__((always_inline)) void ScoreTile(const float* const* 
     const V16 k0 = Load(row), k1 = Load(row + 16);
 #pragma GCC unroll 8
     for (int i = 0; i < kQueries; ++i) {
-      const V16 qd = Splat(q[i][d]);
-      acc[i][0] = qd * k0 + acc[i][0];
-      acc[i][1] = qd * k1 + acc[i][1];
+      const V16 qi = Splat(qd[d * kQueries + i]);
+      acc[i][0] = qi * k0 + acc[i][0];
+      acc[i][1] = qi * k1 + acc[i][1];
     }
   }
   for (int i = 0; i < kQueries; ++i) {
@@ -67,9 +70,10 @@ static inline __attribute__((always_inline)) void ScoreTile(const float* const* 
   }
 }
 
-// out[i][c0 .. c0 + 16 kValueCols) = sum over the listed key groups' keys j of p[i][j] * v[j]:
-// keys in order, one fused multiply-add per term (p is 0 where a key is not seen).
-static inline __attribute__((always_inline)) void ValueTile(const float* const* p,
+// out[i][c0 .. c0 + 16 kValueCols) = sum over the listed key groups' keys j of p[i][j] * v[j]
+// (p[i] = p0 + i * stride): keys in order, one fused multiply-add per term (p is 0 where a key
+// is not seen).
+static inline __attribute__((always_inline)) void ValueTile(const float* p0, int64_t stride,
                                                              const float* v, int64_t D,
                                                              int64_t c0, const int32_t* groups,
                                                              int64_t n_groups, float* const* out) {
@@ -84,7 +88,7 @@ static inline __attribute__((always_inline)) void ValueTile(const float* const* 
       for (int c = 0; c < kValueCols; ++c) vj[c] = Load(row + 16 * c);
 #pragma GCC unroll 8
       for (int i = 0; i < kValueQueries; ++i) {
-        const V16 pj = Splat(p[i][j]);
+        const V16 pj = Splat(p0[i * stride + j]);
         for (int c = 0; c < kValueCols; ++c) acc[i][c] = pj * vj[c] + acc[i][c];
       }
     }
@@ -97,7 +101,8 @@ static inline __attribute__((always_inline)) void ValueTile(const float* const* 
 // Returns the sum of p (16 lanes, then the lanes in order).
 static inline float SoftmaxRow(float* s, const int32_t* kpos, int32_t qpos, int32_t window,
                                const int32_t* groups, int64_t n_groups) {
-  const I16 qp = I16{} + qpos;
+  const I16 qp = I16{qpos, qpos, qpos, qpos, qpos, qpos, qpos, qpos,
+                     qpos, qpos, qpos, qpos, qpos, qpos, qpos, qpos};
   V16 top = Splat(-INFINITY);
   for (int64_t g = 0; g < n_groups; ++g) {
     for (int64_t j = int64_t{groups[g]} * kKeyGroup, e = j + kKeyGroup; j < e; j += 16) {
@@ -141,10 +146,13 @@ static void RunItem(const Problem& pr, const Item& it, float* scratch) {
   const int32_t* kpos = pr.kpos + it.b * S;
   const int32_t* qpos = pr.qpos + it.b * T;
   const int64_t n_vec = (it.t1 - it.t0) * G;  // query vectors (row, head), row-major
-  float* scores = scratch;                    // [n_vec, S_pad], then the softmax weights
-  float* totals = scores + n_vec * pr.S_pad;  // [n_vec]
-  float* spare = totals + n_vec;              // [D]: where tail tiles' extra rows go
-  int32_t* groups = reinterpret_cast<int32_t*>(spare + D);
+  // scores [n_vec + kValueQueries, S_pad] (then the softmax weights; the extra rows stay 0),
+  // totals [n_vec], spare [D] (where a tail tile's extra rows go), qd [D, kQueries], groups.
+  float* scores = scratch;
+  float* totals = scores + (n_vec + kValueQueries) * S;
+  float* spare = totals + n_vec;
+  float* qd = spare + D;
+  int32_t* groups = reinterpret_cast<int32_t*>(qd + D * kQueries);
   auto row_of = [&](int64_t n) { return it.t0 + n / G; };
   auto head_of = [&](int64_t n) { return it.h * G + n % G; };
   // The key groups any row of the item sees: only these are computed (the causal future and
@@ -165,29 +173,28 @@ static void RunItem(const Problem& pr, const Item& it, float* scratch) {
     groups[n_groups++] = static_cast<int32_t>(g);
   }
   for (int64_t first = 0; first < n_vec; first += kQueries) {
-    const float* qv[kQueries];
     float* sv[kQueries];
     for (int i = 0; i < kQueries; ++i) {  // a tail tile repeats its last vector
       const int64_t n = std::min(first + i, n_vec - 1);
-      qv[i] = pr.q + ((it.b * T + row_of(n)) * H + head_of(n)) * D;
+      const float* qn = pr.q + ((it.b * T + row_of(n)) * H + head_of(n)) * D;
+      for (int64_t d = 0; d < D; ++d) qd[d * kQueries + i] = qn[d];
       sv[i] = scores + n * S;
     }
     for (int64_t g = 0; g < n_groups; ++g)
-      ScoreTile(qv, kt, S, D, int64_t{groups[g]} * kKeyGroup, sv);
+      ScoreTile(qd, kt, S, D, int64_t{groups[g]} * kKeyGroup, sv);
     for (int64_t n = first; n < std::min(first + kQueries, n_vec); ++n)
       totals[n] = SoftmaxRow(scores + n * S, kpos, qpos[row_of(n)], pr.window, groups, n_groups);
   }
+  // Weights of a tail tile's missing rows: zero (their sums go to `spare`).
+  std::memset(scores + n_vec * S, 0, sizeof(float) * S * kValueQueries);
   for (int64_t first = 0; first < n_vec; first += kValueQueries) {
-    const float* pv[kValueQueries];
-    for (int i = 0; i < kValueQueries; ++i)
-      pv[i] = scores + std::min(first + i, n_vec - 1) * pr.S_pad;
     for (int64_t c0 = 0; c0 < D; c0 += 16 * kValueCols) {
       float* dst[kValueQueries];
       for (int i = 0; i < kValueQueries; ++i) {
         const int64_t n = first + i;
         dst[i] = n < n_vec ? pr.out + ((it.b * T + row_of(n)) * H + head_of(n)) * D : spare;
       }
-      ValueTile(pv, v, D, c0, groups, n_groups, dst);
+      ValueTile(scores + first * S, S, v, D, c0, groups, n_groups, dst);
     }
     for (int64_t n = first; n < std::min(first + kValueQueries, n_vec); ++n) {
       float* o = pr.out + ((it.b * T + row_of(n)) * H + head_of(n)) * D;

@@ -154,14 +154,35 @@ class BlockWeight(nnx.Module):
 
 def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
     """x [..., *K] @ w -> float32 [..., *N], per device on its shards."""
-    qs, d, m = w.arrays
-    k_dims = len(w.k_axes)
-    n_shape = qs.shape[: len(w.n_axes)]
+    return block_dense_many(x, [w])[0]
+
+
+def can_share_x(ws) -> bool:
+    """Whether `block_dense_many` takes these weights in one call: one format, the same input
+    axes (so the same x), and a mesh that is the same object."""
+    ws = list(ws)
+    return (
+        bool(ws)
+        and all(isinstance(w, BlockWeight) for w in ws)
+        and all(
+            w.fmt == ws[0].fmt and w.k_axes == ws[0].k_axes and w.sharder is ws[0].sharder
+            for w in ws
+        )
+    )
+
+
+def block_dense_many(x: jax.Array, ws) -> list[jax.Array]:
+    """x [..., *K] @ w for each weight (`can_share_x`) -> float32 [..., *N_w] each, per device
+    on its shards, in one kernel call per device where the kernels serve (x rounded once for
+    all of them); each result has the bits its weight gives alone."""
+    ws = list(ws)
+    if not can_share_x(ws):
+        raise ValueError("block_dense_many needs block weights of one format and input axes")
+    w0 = ws[0]
+    k_dims = len(w0.k_axes)
     lead = x.shape[: x.ndim - k_dims]
     x2 = x.reshape(math.prod(lead), -1).astype(jnp.float32)
-    mesh, rules = w.sharder.mesh, w.sharder.rules
-    qs_spec = _padded(w.sharder.spec(w.qs.logical_axes[-qs.ndim :], qs.shape), qs.ndim)
-    n_axis = qs_spec[0]  # the only axis a block weight is split on (BlockWeight.__init__)
+    mesh, rules = w0.sharder.mesh, w0.sharder.rules
     batch = rules.mesh_axis("batch")
     # Rows split over the batch's mesh axis only where the batch itself divides it, as the
     # activations around are: splitting the flattened rows of a batch that doesn't would cut
@@ -172,30 +193,48 @@ def block_dense(x: jax.Array, w: BlockWeight) -> jax.Array:
     # other, whatever the number of rows: so a row's bits never depend on its batch.
     row_tiled = len(lead) >= 2 and lead[-1] > 1
     if _use_kernels(mesh):
-        matmul = functools.partial(kernels.block_matmul, row_tiled=row_tiled)
+        many = functools.partial(kernels.block_matmul_many, row_tiled=row_tiled)
     elif mesh.devices.flat[0].platform == "cpu":  # the kernels' bits, from XLA
-        matmul = functools.partial(kernels.block_matmul_reference, row_tiled=row_tiled)
+        one = functools.partial(kernels.block_matmul_reference, row_tiled=row_tiled)
+        many = None
     else:
-        matmul = kernels.block_matmul_dequantized
+        one, many = kernels.block_matmul_dequantized, None
 
-    # A row-parallel weight split along its output (BlockWeight.__init__) gathers its output
-    # whole on every device, as the float model's output is: left split, XLA would reduce
-    # the next norm over the pieces and add them across devices, in another order than one
-    # device does (and int8 rounding of the next activations makes that a different token).
-    gather = n_axis is not None and rules.mesh_axis(w.n_axes[0]) != n_axis
+    plans, arrays, specs, out_specs = [], [x2], [P(rows_axis, None)], []
+    for w in ws:
+        qs, d, m = w.arrays
+        qs_spec = _padded(w.sharder.spec(w.qs.logical_axes[-qs.ndim :], qs.shape), qs.ndim)
+        n_axis = qs_spec[0]  # the only axis a block weight is split on (BlockWeight.__init__)
+        # A row-parallel weight split along its output (BlockWeight.__init__) gathers its
+        # output whole on every device, as the float model's output is: left split, XLA would
+        # reduce the next norm over the pieces and add them across devices, in another order
+        # than one device does (and int8 rounding of the next activations makes that a
+        # different token).
+        gather = n_axis is not None and rules.mesh_axis(w.n_axes[0]) != n_axis
+        own = [qs, d] + ([] if m is None else [m])
+        plans.append((w, len(own), n_axis, gather, qs.shape[: len(w.n_axes)]))
+        arrays += own
+        specs += [P(*qs_spec)] + [P(*qs_spec[:-1])] * (len(own) - 1)
+        out_specs.append(P(rows_axis, None if gather else n_axis))
 
-    def local(x_loc, qs_loc, *scales):
-        n = math.prod(qs_loc.shape[: len(w.n_axes)])
-        scales = [s.reshape(n, -1) for s in scales] + [None] * (2 - len(scales))
-        y_loc = matmul(x_loc, qs_loc.reshape(n, -1, qs_loc.shape[-1]), *scales, w.fmt)
-        return jax.lax.all_gather(y_loc, n_axis, axis=1, tiled=True) if gather else y_loc
+    def local(x_loc, *own_arrays):
+        weights, at = [], 0
+        for w, count, _, _, _ in plans:
+            qs_loc, *scales = own_arrays[at : at + count]
+            at += count
+            n = math.prod(qs_loc.shape[: len(w.n_axes)])
+            scales = [s.reshape(n, -1) for s in scales] + [None] * (2 - len(scales))
+            weights.append((qs_loc.reshape(n, -1, qs_loc.shape[-1]), *scales))
+        if many is not None:
+            ys = many(x_loc, weights, w0.fmt)
+        else:
+            ys = [one(x_loc, *wt, w0.fmt) for wt in weights]
+        return [jax.lax.all_gather(y, n_axis, axis=1, tiled=True) if gather else y
+                for y, (_, _, n_axis, gather, _) in zip(ys, plans, strict=True)]  # fmt: skip
 
-    arrays = [x2, qs, d] + ([] if m is None else [m])
-    specs = [P(rows_axis, None), P(*qs_spec)] + [P(*qs_spec[:-1])] * (len(arrays) - 2)
-    out_spec = P(rows_axis, None if gather else n_axis)
-    y = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec,
-                      check_vma=False)(*arrays)  # fmt: skip
-    return y.reshape(*lead, *n_shape)
+    ys = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs,
+                       check_vma=False)(*arrays)  # fmt: skip
+    return [y.reshape(*lead, *plan[4]) for y, plan in zip(ys, plans, strict=True)]
 
 
 def block_rows(w: BlockWeight, tokens: jax.Array, dtype) -> jax.Array:

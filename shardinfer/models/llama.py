@@ -20,6 +20,7 @@ from shardinfer.models.rope import apply_rope, inverse_frequencies, rope_tables
 from shardinfer.models.weights import (
     BLOCK_MODES,
     dense,
+    dense_many,
     dense_transposed,
     einsum_f32,
     embed_rows,
@@ -75,9 +76,7 @@ class Attention(nnx.Module):
         (decode): each row attends its cached keys before positions[:, 0], then itself.
         Returns the output and this step's k/v laid out like the cache (see LayerKV)."""
         cfg = self.cfg
-        q = dense(x, self.q_proj)
-        k = dense(x, self.k_proj)
-        v = dense(x, self.v_proj)
+        q, k, v = dense_many(x, (self.q_proj, self.k_proj, self.v_proj))
         if cfg.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -184,7 +183,7 @@ class MLP(nnx.Module):
         self.down_proj = weight(rngs, (m, e), ("mlp", "embed"), (0,), *common)
 
     def __call__(self, x):
-        gate, up = dense(x, self.gate_proj), dense(x, self.up_proj)
+        gate, up = dense_many(x, (self.gate_proj, self.up_proj))
         return dense(jax.nn.silu(gate) * up, self.down_proj)
 
 

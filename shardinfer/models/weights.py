@@ -16,7 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shardinfer.models.blocks import BlockWeight, block_dense, block_rows
+from shardinfer.models.blocks import (
+    BlockWeight,
+    block_dense,
+    block_dense_many,
+    block_rows,
+    can_share_x,
+)
 
 # "int8": int8 weights, float activations (the weight is upcast inside the matmul).
 # "w8a8": the same int8 weights, and activations quantized per token: int8 x int8 dots.
@@ -109,6 +115,16 @@ def dense(x: jax.Array, w, contract: int = 1, out_dtype=None) -> jax.Array:
     w2 = values.reshape(math.prod(k_shape), math.prod(n_shape))
     y = _matmul_f32(x2, w, w2, transposed=False)
     return y.astype(out_dtype or x.dtype).reshape(*lead, *n_shape)
+
+
+def dense_many(x: jax.Array, ws, out_dtype=None) -> list[jax.Array]:
+    """`dense` of one x against several weights (a layer's q, k, v; its gate and up): block
+    weights of one format go in one kernel call (x rounded once for all), others one by one.
+    Each result is what `dense` gives for that weight."""
+    ws = list(ws)
+    if len(ws) > 1 and can_share_x(ws):
+        return [y.astype(out_dtype or x.dtype) for y in block_dense_many(x, ws)]
+    return [dense(x, w, out_dtype=out_dtype) for w in ws]
 
 
 def dense_transposed(x: jax.Array, w, out_dtype=None) -> jax.Array:

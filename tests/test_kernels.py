@@ -611,3 +611,46 @@ def test_a_pinned_path_gives_a_row_the_same_bits_whatever_rows_share_the_call(fm
             for rows in (2, 15, 16, 17, 65):
                 shared = np.asarray(kernels.block_matmul(jnp.asarray(x[:rows]), *args, row_tiled))
                 np.testing.assert_array_equal(shared[:1], alone, err_msg=f"{isa} {rows}")
+
+
+# ---- several weights in one call -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_many_weights_in_one_call_give_each_ones_bits(fmt, each_isa):
+    """block_matmul_many (a layer's q, k, v in one call, x rounded once): each result is bit
+    for bit that weight alone, on every path and instruction set, threaded or not, with
+    weights of different heights (one not a multiple of 16)."""
+    k = 288
+    weights = [random_problem(fmt, 1, n, k)[1:] for n in (64, 16, 37)]
+    for m_rows in (1, 5, 40):
+        x = random_problem(fmt, m_rows, 1, k)[0]
+        for isa in each_isa:
+            _use(isa)
+            for path, row_tiled in _row_paths(isa):
+                alone = [np.asarray(kernels.block_matmul(x, *w, fmt, row_tiled)) for w in weights]
+                for threads in (0, 1):
+                    if isa is not None:
+                        kernels._set_threads(threads, 0)
+                    many = jax.jit(partial(kernels.block_matmul_many, fmt=fmt, row_tiled=row_tiled))
+                    got = many(x, weights)
+                    assert len(got) == len(weights)
+                    what = f"{isa} {path} M={m_rows}"
+                    for y, want in zip(got, alone, strict=True):
+                        np.testing.assert_array_equal(np.asarray(y), want, err_msg=what)
+                if isa is not None:
+                    kernels._set_threads(0, 4096)
+    lowered = jax.jit(partial(kernels.block_matmul_many, fmt=fmt)).lower(x, weights).as_text()
+    if kernels.available():  # one custom call for the three weights
+        assert lowered.count(f"shardinfer_gguf_{fmt}_matmul_many") == 1, lowered
+
+
+def test_many_weights_refuses_what_cannot_share_x():
+    x, qs, d, m = random_problem("q4_1", 3, 8, 64)
+    with pytest.raises(ValueError, match="at least one weight"):
+        kernels.block_matmul_many(x, [], "q4_1")
+    _, qs2, d2, _ = random_problem("q4_1", 1, 8, 96)  # another K
+    with pytest.raises(ValueError, match="qs must be"):
+        kernels.block_matmul_many(x, [(qs, d, m), (qs2, d2, m)], "q4_1")
+    with pytest.raises(ValueError, match="m must be"):
+        kernels.block_matmul_many(x, [(qs, d, None)], "q4_1")

@@ -132,10 +132,18 @@ def machine_info() -> dict:
         "uname": " ".join(platform.uname()),
         "cpu_count": os.cpu_count(),
         "cpu_flags": cpu_flags(),
+        "kernel_isa": _kernel_isa(),
         "python": platform.python_version(),
         **{name: version(name) for name in ("jax", "jaxlib", "flax", "torch", "transformers")},
         "devices": [str(d) for d in jax.devices()],
     }
+
+
+def _kernel_isa() -> str | None:
+    """The instruction set shardinfer's compiled kernels use here (None: not loaded)."""
+    from shardinfer import kernels
+
+    return kernels.isa()
 
 
 # The CPU features bfloat16 and int8 speed depend on, for every result file.

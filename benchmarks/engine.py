@@ -398,7 +398,8 @@ def render(report: Row, out: Path) -> None:
     lines = [
         f"# Engines: {report['model']} ({report['gguf']}), {report['date']}",
         "",
-        f"{m['cpu_model']}, {m['cpu_count']} cores; jax {m['jax']}, torch {m['torch']}, "
+        f"{m['cpu_model']}, {m['cpu_count']} cores (flags: {m.get('cpu_flags', '?')}; "
+        f"shardinfer kernels: {m.get('kernel_isa', '?')}); jax {m['jax']}, torch {m['torch']}, "
         f"transformers {m['transformers']}; prompt {report['prompt_tokens']} tokens, "
         f"{report['new_tokens']} new tokens (greedy), median of {report['repeats']} runs; "
         f"read bandwidth {report['read_bandwidth_gbps']:.1f} GB/s.",

@@ -53,6 +53,7 @@ def each_isa():
         kernels._set_isa(None)
         kernels._set_threads(0, 4096)
         kernels._set_gemm_min_rows(-1)
+        kernels._set_decode_gemm_min_rows(-1)
 
 
 def _use(isa):
@@ -187,6 +188,55 @@ def test_available_where_expected():
         assert not kernels.available()
         assert kernels.unavailable_reason()
         assert kernels.isa() is None
+
+
+# Each instruction set's /proc/cpuinfo flags (Linux lists a flag only where the OS supports it).
+NEEDS = {
+    "avx2": {"avx2", "fma", "f16c"},
+    "avxvnni": {"avx2", "avx_vnni"},
+    "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+    "amx": {"avx512_vnni", "amx_tile", "amx_int8"},
+    "amxbf16": {"avx512_vnni", "amx_tile", "amx_int8", "amx_bf16", "avx512_bf16"},
+}
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    return None if line is None else set(line.split(":", 1)[1].split())
+
+
+def test_instruction_sets_match_the_kernel_s_cpu_flags():
+    """Each instruction set the library offers is one the CPU has, as Linux reports it; they are
+    not nested (AMD Zen 4 has AVX-512 VNNI but not AVX-VNNI), and one the CPU lacks is refused
+    rather than run (it would end the process with an illegal instruction)."""
+    if not EXPECT_KERNEL:
+        assert kernels._supported_isas() == []
+        return
+    flags = _cpuinfo_flags()
+    if flags is None:  # not Linux: nothing to compare with but the refusals
+        flags = set().union(*[NEEDS[name] for name in kernels._supported_isas()])
+    needs = NEEDS
+    supported = kernels._supported_isas()
+    assert kernels.isa() == supported[-1]
+    try:
+        for name, flags_needed in needs.items():
+            if name in supported:
+                assert flags_needed <= flags, (name, flags_needed - flags)
+                kernels._set_isa(name)
+                assert kernels.isa() == name
+            else:
+                with pytest.raises(ValueError, match=name):
+                    kernels._set_isa(name)
+    finally:
+        kernels._set_isa(None)
+    # avx_vnni is only compiled in with a new enough compiler, AMX only as well; the rest must
+    # be offered wherever the CPU has it.
+    for name in ("avx2", "avx512vnni"):
+        assert (name in supported) == (needs[name] <= flags), name
 
 
 def test_fallback_where_the_kernel_cannot_load(monkeypatch, caplog):
@@ -611,6 +661,15 @@ def test_a_pinned_path_gives_a_row_the_same_bits_whatever_rows_share_the_call(fm
             for rows in (2, 15, 16, 17, 65):
                 shared = np.asarray(kernels.block_matmul(jnp.asarray(x[:rows]), *args, row_tiled))
                 np.testing.assert_array_equal(shared[:1], alone, err_msg=f"{isa} {rows}")
+        # Pinned to the decode tiles, 32+ rows run the row-tiled loops in the tiles' order:
+        # every row the tiles' bits (here forced back onto the tiles for the comparison).
+        loops = np.asarray(kernels.block_matmul(jnp.asarray(x), *args, False))
+        kernels._set_decode_gemm_min_rows(10**9)
+        try:
+            tiles = np.asarray(kernels.block_matmul(jnp.asarray(x), *args, False))
+        finally:
+            kernels._set_decode_gemm_min_rows(-1)
+        np.testing.assert_array_equal(loops, tiles, err_msg=f"{isa} decode order")
 
 
 # ---- several weights in one call -----------------------------------------------------------------

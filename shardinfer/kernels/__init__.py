@@ -127,10 +127,12 @@ def _load() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(path))
                 lib.ShardinferGgufIsa.restype = ctypes.c_int
                 lib.ShardinferGgufBestIsa.restype = ctypes.c_int
+                lib.ShardinferGgufSupportedIsas.restype = ctypes.c_uint
                 lib.ShardinferGgufSetIsa.argtypes = [ctypes.c_int]
                 lib.ShardinferGgufSetIsa.restype = ctypes.c_int
                 lib.ShardinferGgufSetThreads.argtypes = [ctypes.c_int, ctypes.c_longlong]
                 lib.ShardinferGgufSetGemmMinRows.argtypes = [ctypes.c_longlong]
+                lib.ShardinferGgufSetDecodeGemmMinRows.argtypes = [ctypes.c_longlong]
                 lib.ShardinferGgufQuantizeX.argtypes = [
                     ctypes.c_void_p,
                     ctypes.c_longlong,
@@ -205,7 +207,8 @@ def _supported_isas() -> list[str]:
     lib = _load()
     if lib is None:
         return []
-    return [_ISA_NAMES[i] for i in range(1, lib.ShardinferGgufBestIsa() + 1)]
+    mask = lib.ShardinferGgufSupportedIsas()  # not nested: Zen 4 has AVX-512 VNNI, no AVX-VNNI
+    return [name for code, name in sorted(_ISA_NAMES.items()) if mask & (1 << code)]
 
 
 def set_threads(n: int = 0) -> None:
@@ -235,6 +238,16 @@ def _set_gemm_min_rows(rows: int = -1) -> None:
     if lib is None:
         raise RuntimeError(unavailable_reason())
     lib.ShardinferGgufSetGemmMinRows(rows)
+
+
+def _set_decode_gemm_min_rows(rows: int = -1) -> None:
+    """Tests and benchmarks: calls pinned to the decode tiles (row_tiled=False) with at least
+    `rows` rows of x run the row-tiled loops in the tiles' order of sums, the same bits (-1:
+    the default, 32; a huge value keeps the tiles whatever the rows)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    lib.ShardinferGgufSetDecodeGemmMinRows(rows)
 
 
 def _last_call() -> dict:

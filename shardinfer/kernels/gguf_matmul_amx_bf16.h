@@ -71,7 +71,7 @@ static size_t group_bytes(int64_t nb) { return static_cast<size_t>(kXBlockBytes 
 
 // Every x row packed once per call, by the calling thread, for all the threads' chunks.
 static void prepare(Problem& p) {
-  if (!p.gemm) return;
+  if (!p.gemm || p.decode_order) return;
   static thread_local std::vector<unsigned char> buf;
   const int64_t groups = (p.m_total + kTile - 1) / kTile;
   const size_t gbytes = group_bytes(p.nb);
@@ -265,7 +265,7 @@ static void run_gemm(const Problem& p, int64_t n_begin, int64_t n_end) {
 }
 
 static void run(const Problem& p, int64_t n_begin, int64_t n_end) {
-  if (!p.gemm) {
+  if (!p.gemm || p.decode_order) {
     isa_avx512vnni::run(p, n_begin, n_end);
     return;
   }

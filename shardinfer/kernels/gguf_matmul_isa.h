@@ -538,8 +538,61 @@ static void gemm_tile(const Problem& p, const uint8_t* wp, const float* dp, cons
   }
 }
 
+// gemm_tile with the decode tiles' order of float sums (Problem::decode_order), so the same
+// bits as run_rows: each block's term goes to the accumulator of its class b mod 8 (the decode
+// tiles' lanes), in block order, and the eight classes are added at the end as the tiles'
+// horizontal sum adds their lanes: ((c0 + c1) + (c4 + c5)) + ((c2 + c3) + (c6 + c7)). The
+// terms themselves are the same operations as the tiles' (d * dx, one FMA; q4_1's m * sx).
+// Decode at a batch of 32+ rows takes this path: the weights unpacked once for all rows.
+template <Fmt F, int MT>
+static void gemm_tile_decode_order(const Problem& p, const uint8_t* wp, const float* dp,
+                                   const float* mp, int64_t m0, int64_t n0, int nvalid) {
+  constexpr int kShift = F == Fmt::kQ4_0 ? 3 : (F == Fmt::kQ8_0 && SI_ISA_VNNI) ? 7 : 0;
+  __m256 cls[8][MT];
+  for (int c = 0; c < 8; ++c) {
+    __m256 acc[MT];
+    SI_UNROLL
+    for (int r = 0; r < MT; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = c; b < p.nb; b += 8) {
+      __m256i w[8];
+      SI_UNROLL
+      for (int j = 0; j < 8; ++j)
+        w[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(wp + 256 * b + 32 * j));
+      const __m256 dv = _mm256_load_ps(dp + 8 * b);
+      __m256 mv = _mm256_setzero_ps();
+      if constexpr (F == Fmt::kQ4_1) mv = _mm256_load_ps(mp + 8 * b);
+      SI_UNROLL
+      for (int r = 0; r < MT; ++r) {
+        const int64_t m = m0 + r;
+        __m256i dots = panel_block_dot<F>(w, p.xq + m * p.xq_row_bytes + 32 * b);
+        if constexpr (kShift != 0)
+          dots = _mm256_sub_epi32(dots, _mm256_set1_epi32(p.xsum[m * p.nb_pad + b] << kShift));
+        const __m256 scale = _mm256_mul_ps(dv, _mm256_set1_ps(p.dx[m * p.nb_pad + b]));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[r]);
+        if constexpr (F == Fmt::kQ4_1)
+          acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(p.sx[m * p.nb_pad + b]), acc[r]);
+      }
+    }
+    SI_UNROLL
+    for (int r = 0; r < MT; ++r) cls[c][r] = acc[r];
+  }
+  const __m256i store_mask =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(nvalid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  SI_UNROLL
+  for (int r = 0; r < MT; ++r) {
+    const __m256 sum = _mm256_add_ps(
+        _mm256_add_ps(_mm256_add_ps(cls[0][r], cls[1][r]), _mm256_add_ps(cls[4][r], cls[5][r])),
+        _mm256_add_ps(_mm256_add_ps(cls[2][r], cls[3][r]), _mm256_add_ps(cls[6][r], cls[7][r])));
+    float* out = p.y + (m0 + r) * p.n_total + n0;
+    if (nvalid == kPanel)
+      _mm256_storeu_ps(out, sum);
+    else
+      _mm256_maskstore_ps(out, store_mask, sum);
+  }
+}
+
 // Output rows [n_begin, n_end) for every x row, by panels.
-template <Fmt F>
+template <Fmt F, bool kDecodeOrder>
 static void run_gemm(const Problem& p, int64_t n_begin, int64_t n_end) {
   // The unpacked panel: a per-thread buffer that only grows (8 rows: 256 bytes + 32 (+ 32) of
   // scales per block).
@@ -556,18 +609,26 @@ static void run_gemm(const Problem& p, int64_t n_begin, int64_t n_end) {
       const int nvalid = static_cast<int>(n_end - n0 < kPanel ? n_end - n0 : kPanel);
       pack_panel<F>(p, n0, nvalid, wp, dp, mp);
       int64_t m = mb;
-      for (; m + kGemmRows <= me; m += kGemmRows) gemm_tile<F, kGemmRows>(p, wp, dp, mp, m, n0, nvalid);
-      if constexpr (kGemmRows > 4)
-        for (; m + 4 <= me; m += 4) gemm_tile<F, 4>(p, wp, dp, mp, m, n0, nvalid);
-      for (; m < me; ++m) gemm_tile<F, 1>(p, wp, dp, mp, m, n0, nvalid);
+      if constexpr (kDecodeOrder) {
+        for (; m + 4 <= me; m += 4) gemm_tile_decode_order<F, 4>(p, wp, dp, mp, m, n0, nvalid);
+        for (; m < me; ++m) gemm_tile_decode_order<F, 1>(p, wp, dp, mp, m, n0, nvalid);
+      } else {
+        for (; m + kGemmRows <= me; m += kGemmRows)
+          gemm_tile<F, kGemmRows>(p, wp, dp, mp, m, n0, nvalid);
+        if constexpr (kGemmRows > 4)
+          for (; m + 4 <= me; m += 4) gemm_tile<F, 4>(p, wp, dp, mp, m, n0, nvalid);
+        for (; m < me; ++m) gemm_tile<F, 1>(p, wp, dp, mp, m, n0, nvalid);
+      }
     }
   }
 }
 
 static void run(const Problem& p, int64_t n_begin, int64_t n_end) {
   WithFormat(p.fmt, [&](auto f) {
-    if (p.gemm)
-      run_gemm<decltype(f)::value>(p, n_begin, n_end);
+    if (p.gemm && p.decode_order)
+      run_gemm<decltype(f)::value, true>(p, n_begin, n_end);
+    else if (p.gemm)
+      run_gemm<decltype(f)::value, false>(p, n_begin, n_end);
     else
       run_rows<decltype(f)::value>(p, n_begin, n_end);
   });

@@ -97,7 +97,7 @@ def _extensions() -> list[Extension]:
         Extension(
             "shardinfer.kernels._gguf_matmul",
             sources=[
-                os.path.join(KERNEL_DIR, f) for f in ("gguf_matmul.cc", "prefill_attention.cc")
+                os.path.join(KERNEL_DIR, f) for f in ("gguf_matmul.cc", "attention.cc")
             ],
             depends=[
                 os.path.join(KERNEL_DIR, f)
@@ -105,7 +105,7 @@ def _extensions() -> list[Extension]:
                     "gguf_matmul_isa.h",
                     "gguf_matmul_amx.h",
                     "gguf_matmul_amx_bf16.h",
-                    "prefill_attention_isa.h",
+                    "attention_isa.h",
                 )
             ],
             language="c++",

@@ -32,13 +32,27 @@ def _engine(spec: str, devices: slice, slots: int) -> AsyncEngine:
     return AsyncEngine(si.LLM(MODEL, mesh=mesh, max_batch=slots, max_seq_len=256))
 
 
+SLOW_STEP_S = 0.05
+
+
+def _slow_down(core) -> None:
+    step = core.step
+
+    def slow_step():
+        time.sleep(SLOW_STEP_S)  # sleeps without the GIL: the fast backend is not slowed
+        return step()
+
+    core.step = slow_step
+
+
 @pytest.fixture(scope="module")
 def backends():
     """Two in-process servers: 4 slots on one device, and 1 slot on a `model=4` mesh of four
-    more, which is slower per token on this machine's shared cores (every simulated device
-    takes its turn, and their collectives too): a backend that is really slower, not only
-    smaller."""
+    more whose every step also waits `SLOW_STEP_S`: a backend that is really slower, not only
+    smaller. (Without the wait a `model=4` step was as fast as the 4-slot one's on some CI
+    machines, and the test measured the machine, not the router.)"""
     engines = [_engine("data=1", slice(0, 1), 4), _engine("model=4", slice(1, 5), 1)]
+    _slow_down(engines[1].core)
     fast_app, slow_app = (create_app(e, MODEL) for e in engines)
     with serve_in_thread(fast_app) as fast, serve_in_thread(slow_app) as slow:
         yield fast, slow

@@ -1,4 +1,4 @@
-"""shardinfer.kernels.attention: the prefill (causal) attention kernel against numpy.
+"""shardinfer.kernels.attention: the prefill (causal) and decode attention kernels against numpy.
 
 The numpy reference computes the masked softmax attention in float64; the kernel is float32
 with its own exp, so it must agree to float32 rounding (about 1e-6 here). The bit-level
@@ -156,3 +156,120 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="4-D"):
         attention.prefill_attention(q[0], kt, v, pos)
     assert jnp.isfinite(attention.prefill_attention(q, kt, v, pos)).all()
+
+
+# ---- decode: one query per row against the cache ----------------------------------------------
+
+decode = jax.jit(attention.decode_attention, static_argnums=6)
+decode_reference = jax.jit(attention.decode_attention_reference, static_argnums=6)
+
+
+def _decode_inputs(b, s, kv, g, d, positions, stale=np.nan):
+    """A whole sequence of s tokens per row, and the decode step of row i at positions[i]: its
+    query, the cache (slots past the position hold `stale`, as slots a step has not written
+    may), its new key and value; and the sequence itself for the prefill."""
+    q_all, kt, v, seq_pos = _inputs(b, s, kv, g, d)
+    p = np.asarray(positions, np.int32)
+    rows = np.arange(b)
+    q, k_new, v_new = q_all[rows, p], kt[rows, :, :, p], v[rows, :, p]
+    kt_cache, v_cache = kt.copy(), v.copy()
+    for i in range(b):
+        kt_cache[i, :, :, p[i] :] = stale
+        v_cache[i, :, p[i] :] = stale
+    return (q, kt_cache, v_cache, k_new, v_new, p), (q_all, kt, v, seq_pos)
+
+
+DECODE_CASES = [
+    # b, slots, kv, groups, head_dim, positions, window
+    (1, 128, 3, 3, 64, [100], None),  # SmolLM2's shapes
+    (4, 128, 3, 3, 64, [0, 31, 32, 127], None),  # group edges: first slot, last of a group
+    (3, 77, 2, 4, 128, [5, 40, 76], 20),  # slots not a multiple of 32, a sliding window
+    (2, 64, 1, 1, 64, [63, 1], 1),  # a window of one: the row sees only itself
+    (2, 96, 1, 9, 64, [50, 95], None),  # more query heads than a score tile holds
+]
+
+
+@pytest.mark.parametrize("b,s,kv,g,d,positions,window", DECODE_CASES)
+def test_decode_matches_numpy_and_is_the_prefill_s_last_row(b, s, kv, g, d, positions, window):
+    step, sequence = _decode_inputs(b, s, kv, g, d, positions)
+    full = _numpy_attention(*sequence, window)
+    want = full[np.arange(b), step[-1]]
+    got = np.asarray(decode(*step, window))
+    assert got.dtype == np.float32 and got.shape == step[0].shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-6)  # the stale NaNs are never read
+    clean = (step[0], np.nan_to_num(step[1]), np.nan_to_num(step[2]), *step[3:])
+    np.testing.assert_allclose(np.asarray(decode_reference(*clean, window)), want, rtol=0,
+                               atol=3e-6)  # fmt: skip
+    # The bits the prefill kernel gives that row of the whole sequence (what makes cached
+    # decode agree with a full forward pass, and a row agree with itself in any batch).
+    prefill = np.asarray(run(*sequence, window))[np.arange(b), step[-1]]
+    np.testing.assert_array_equal(got, prefill)
+
+
+def test_decode_rows_do_not_depend_on_the_batch_or_the_cache_s_capacity():
+    step, _ = _decode_inputs(5, 128, 3, 3, 64, [3, 40, 64, 90, 127], stale=0.5)
+    together = np.asarray(decode(*step, None))
+    for i in range(5):
+        alone = np.asarray(decode(*(a[i : i + 1] for a in step), None))
+        np.testing.assert_array_equal(alone[0], together[i])
+    # The same rows in a cache twice as long: nothing past a row's position is read.
+    q, kt, v, k_new, v_new, pos = step
+    longer = (q, np.concatenate([kt, kt], -1), np.concatenate([v, v], 2), k_new, v_new, pos)
+    np.testing.assert_array_equal(np.asarray(decode(*longer, None)), together)
+
+
+def test_decode_positions_outside_the_cache_give_zeros():
+    step, _ = _decode_inputs(3, 64, 2, 2, 64, [10, 10, 10], stale=1.0)
+    pos = np.array([-1, 10, 64], np.int32)
+    for fn in (decode, decode_reference):
+        got = np.asarray(fn(*step[:5], pos, None))
+        assert (got[0] == 0).all() and (got[2] == 0).all() and np.isfinite(got[1]).all()
+
+
+def test_decode_every_instruction_set_gives_the_same_bits():
+    isas = attention._supported_isas()
+    if not kernels.available():
+        assert isas == [] and not attention.supports(64)
+        return
+    step, _ = _decode_inputs(3, 77, 3, 3, 128, [12, 50, 76])
+    results = []
+    try:
+        for isa in isas:
+            attention._set_isa(isa)
+            jax.clear_caches()
+            results.append(np.asarray(decode(*step, 40)))
+    finally:
+        attention._set_isa(None)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_decode_sharded_over_batch_and_heads_gives_the_one_device_bits():
+    devices = np.array(jax.devices()[:8])
+    assert devices.size == 8, "the tests run with 8 simulated CPU devices (conftest.py)"
+    step, _ = _decode_inputs(8, 64, 4, 2, 64, list(range(3, 64, 8)), stale=0.0)
+    rules = ShardingRules((("batch", "data"), ("q_heads", "model"), ("kv_heads", "model")))
+    one = Sharder(Mesh(devices[:1].reshape(1, 1), ("data", "model")), rules)
+    want = np.asarray(jax.jit(lambda *a: kernel_attention.decode_attention(*a, None, one))(*step))
+    for shape in ((2, 4), (1, 8), (8, 1)):
+        sharder = Sharder(Mesh(devices.reshape(shape), ("data", "model")), rules)
+        got = jax.jit(lambda *a, s=sharder: kernel_attention.decode_attention(*a, None, s))(*step)
+        np.testing.assert_array_equal(np.asarray(got), want)
+    if kernels.available():
+        text = jax.jit(lambda *a: kernel_attention.decode_attention(*a, None, one)).lower(
+            *step).as_text()  # fmt: skip
+        assert kernels.DECODE_ATTENTION_TARGET in text
+
+
+def test_decode_bad_arguments_are_refused():
+    (q, kt, v, k_new, v_new, pos), _ = _decode_inputs(2, 32, 2, 2, 64, [3, 4], stale=0.0)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        attention.decode_attention(q, kt, v[:, :, :8], k_new, v_new, pos)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        attention.decode_attention(q, kt, v, k_new, v_new, pos[:1])
+    with pytest.raises(ValueError, match="do not divide"):
+        attention.decode_attention(q[:, :3], kt, v, k_new, v_new, pos)
+    with pytest.raises(ValueError, match="window"):
+        attention.decode_attention(q, kt, v, k_new, v_new, pos, -2)
+    with pytest.raises(ValueError, match="3-, 4-, 4-"):
+        attention.decode_attention(q[0], kt, v, k_new, v_new, pos)

@@ -93,7 +93,9 @@ _FORMATS = {
 FORMATS = tuple(_FORMATS)
 _ISA_NAMES = {1: "avx2", 2: "avxvnni", 3: "avx512vnni", 4: "amx", 5: "amxbf16"}
 _GEMM_MIN_ROWS = 16  # gguf_matmul.cc kGemmMinRowsDefault: row_tiled=None picks by this
-ATTENTION_TARGET = "shardinfer_prefill_attention"  # prefill_attention.cc, used by attention.py
+# attention.cc's two handlers, used by attention.py.
+ATTENTION_TARGET = "shardinfer_prefill_attention"
+DECODE_ATTENTION_TARGET = "shardinfer_decode_attention"
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": ctypes.CDLL | None, "why": str | None
@@ -153,6 +155,7 @@ def _load() -> ctypes.CDLL | None:
                     targets = [(t, sym) for t, sym, *_ in _FORMATS.values()]
                     targets += [(t + "_many", sym + "Many") for t, sym, *_ in _FORMATS.values()]
                     targets.append((ATTENTION_TARGET, "ShardinferPrefillAttention"))
+                    targets.append((DECODE_ATTENTION_TARGET, "ShardinferDecodeAttention"))
                     for target, symbol in targets:
                         capsule = jax.ffi.pycapsule(getattr(lib, symbol))
                         jax.ffi.register_ffi_target(target, capsule, platform="cpu")

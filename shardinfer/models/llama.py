@@ -106,6 +106,16 @@ class Attention(nnx.Module):
             probs = _softmax(jnp.where(allowed[:, None, None], scores, NEG_INF))
             probs = probs.astype(v.dtype).reshape(b, -1, groups * t, t)
             out = einsum_f32("bkms,bksd->bkmd", probs, v).reshape(b, -1, groups, t, d)
+        elif t == 1 and cache.k.dtype == jnp.float32 and kernel_attention.serves(
+                self.attention_sharder, d):  # fmt: skip
+            # Decode on the kernel: it reads each row's cache only up to its position.
+            out = kernel_attention.decode_attention(
+                q.reshape(b, hq, d), cache.k, cache.v, k[:, :, 0], v[:, :, 0], positions[:, 0],
+                cfg.sliding_window, self.attention_sharder)  # fmt: skip
+            out = dense(out.astype(v.dtype).reshape(b, t, hq, d), self.o_proj, contract=2)
+            if cfg.o_bias:
+                out = out + self.o_bias[...]
+            return out, LayerKV(k.transpose(0, 1, 3, 2), v)
         else:
             scores = einsum_f32("btkgd,bksd->bkgts", q, k)
             out = _attend_cache(q, scores, v, cache, positions, cfg.sliding_window)

@@ -1,9 +1,10 @@
-// The prefill attention's arithmetic for one instruction set: included by prefill_attention.cc
-// once per target (AVX2 + FMA, AVX-512F), inside a namespace and a `#pragma GCC target`. The
+// The attention's arithmetic for one instruction set (prefill and decode): included by
+// attention.cc once per target (AVX2 + FMA, AVX-512F), inside a namespace and a `#pragma GCC target`. The
 // code is written on 16-float GCC vectors, one zmm register with AVX-512 and two ymm with AVX2,
 // so both targets do the same operations in the same order and give the same bits.
 //
-// Not a standalone header: prefill_attention.cc defines Problem, Item and the constants first.
+// Not a standalone header: attention.cc defines Problem, Item, DecodeProblem and the constants
+// first.
 
 typedef float V16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));
@@ -49,22 +50,24 @@ static inline __attribute__((always_inline)) V16 Exp(V16 x) {
 // Scores of kQueries query vectors (qd [D][kQueries]: the tile's queries, head_dim first)
 // against keys [j0, j0 + 32): each a sum over head_dim in order, one fused multiply-add per
 // term (kt is [D, S]: keys along its rows).
+// NQ queries (qd [D][NQ]); a query's scores do not depend on NQ or on the others.
+template <int NQ = kQueries>
 static inline __attribute__((always_inline)) void ScoreTile(const float* qd, const float* kt,
                                                              int64_t S, int64_t D, int64_t j0,
                                                              float* const* out) {
-  V16 acc[kQueries][2];
-  for (int i = 0; i < kQueries; ++i) acc[i][0] = acc[i][1] = V16{};
+  V16 acc[NQ][2];
+  for (int i = 0; i < NQ; ++i) acc[i][0] = acc[i][1] = V16{};
   for (int64_t d = 0; d < D; ++d) {
     const float* row = kt + d * S + j0;
     const V16 k0 = Load(row), k1 = Load(row + 16);
 #pragma GCC unroll 8
-    for (int i = 0; i < kQueries; ++i) {
-      const V16 qi = Splat(qd[d * kQueries + i]);
+    for (int i = 0; i < NQ; ++i) {
+      const V16 qi = Splat(qd[d * NQ + i]);
       acc[i][0] = qi * k0 + acc[i][0];
       acc[i][1] = qi * k1 + acc[i][1];
     }
   }
-  for (int i = 0; i < kQueries; ++i) {
+  for (int i = 0; i < NQ; ++i) {
     Store(out[i] + j0, acc[i][0]);
     Store(out[i] + j0 + 16, acc[i][1]);
   }
@@ -72,14 +75,17 @@ static inline __attribute__((always_inline)) void ScoreTile(const float* qd, con
 
 // out[i][c0 .. c0 + 16 kValueCols) = sum over the listed key groups' keys j of p[i][j] * v[j]
 // (p[i] = p0 + i * stride): keys in order, one fused multiply-add per term (p is 0 where a key
-// is not seen).
+// is not seen). `resume`: the sum goes on from what out holds (a float32 store and load lose
+// nothing, so two calls over groups A then B give the bits of one call over A and B).
 static inline __attribute__((always_inline)) void ValueTile(const float* p0, int64_t stride,
                                                              const float* v, int64_t D,
                                                              int64_t c0, const int32_t* groups,
-                                                             int64_t n_groups, float* const* out) {
+                                                             int64_t n_groups, float* const* out,
+                                                             bool resume = false) {
   V16 acc[kValueQueries][kValueCols];
   for (int i = 0; i < kValueQueries; ++i)
-    for (int c = 0; c < kValueCols; ++c) acc[i][c] = V16{};
+    for (int c = 0; c < kValueCols; ++c)
+      acc[i][c] = resume ? Load(out[i] + c0 + 16 * c) : V16{};
   for (int64_t g = 0; g < n_groups; ++g) {
     const int64_t j_begin = int64_t{groups[g]} * kKeyGroup;
     for (int64_t j = j_begin; j < j_begin + kKeyGroup; ++j) {
@@ -199,6 +205,128 @@ static void RunItem(const Problem& pr, const Item& it, float* scratch) {
     for (int64_t n = first; n < std::min(first + kValueQueries, n_vec); ++n) {
       float* o = pr.out + ((it.b * T + row_of(n)) * H + head_of(n)) * D;
       const float total = totals[n] > 0.0f ? totals[n] : 1.0f;  // 0: nothing seen, o is 0
+      for (int64_t c = 0; c < D; ++c) o[c] = o[c] / total;
+    }
+  }
+}
+
+// ---- decode: one query row per batch row, against the KV cache --------------------------------
+//
+// One work item: batch row b's G query heads of kv head h, at position pos = pr.pos[b]. The row
+// sees the cache's slots s < pos (slot s holds position s; with a window, pos - s < window) and
+// its own new key and value, at slot pos. It runs the prefill's steps on the prefill's layout
+// (key groups of 32 by slot, the same score, softmax and value sums, unseen keys adding exact
+// zeros), so a decode row gets the bits the prefill kernel gives that row of the whole prompt.
+// Only the groups up to pos's are read: the cache past the row's position costs nothing. The
+// group holding pos is copied to scratch first, with the new key and value put at pos and zeros
+// after it (those slots of the cache are stale or unwritten).
+static void RunDecodeItem(const DecodeProblem& pr, int64_t b, int64_t h, float* scratch) {
+  const int64_t S = pr.S, D = pr.D, G = pr.G, H = pr.KV * pr.G;
+  const int32_t pos = pr.pos[b];
+  if (pos < 0 || pos >= S) {  // no such slot (a padding row): zeros, nothing read
+    for (int64_t n = 0; n < G; ++n) std::fill_n(pr.out + (b * H + h * G + n) * D, D, 0.0f);
+    return;
+  }
+  const int64_t last = pos / kKeyGroup, j_last = last * kKeyGroup;
+  const int64_t n_vec = G;
+  const int64_t S_seen = j_last + kKeyGroup;  // slots of the groups read, the last included
+  // scores [n_vec + kValueQueries, S_seen], totals [n_vec], qd [D, kQueries], the last
+  // group's keys [D, 32] and values [32, D], spare [D], the group list (DecodeScratchFloats).
+  float* scores = scratch;
+  float* totals = scores + (n_vec + kValueQueries) * S_seen;
+  float* qd = totals + n_vec;
+  float* kt_last = qd + D * kQueries;
+  float* v_last = kt_last + D * kKeyGroup;
+  float* spare = v_last + kKeyGroup * D;
+  int32_t* groups = reinterpret_cast<int32_t*>(spare + D);
+  const float* kt = pr.kt + (b * pr.KV + h) * D * S;
+  const float* v = pr.v + (b * pr.KV + h) * S * D;
+  const float* k_new = pr.k_new + (b * pr.KV + h) * D;
+  const float* v_new = pr.v_new + (b * pr.KV + h) * D;
+  // The last group: cached slots before pos, the new key and value at pos, zeros after.
+  const int64_t n_cached = pos - j_last;
+  if (j_last + kKeyGroup <= S) {  // the group lies in the cache: two vector loads a row
+    const int32_t nc = static_cast<int32_t>(n_cached);
+    const I16 lane = I16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const I16 ncv = I16{} + nc, ncv_hi = I16{} + (nc - 16);
+    for (int64_t d = 0; d < D; ++d) {
+      const float* src = kt + d * S + j_last;
+      const V16 own = Splat(k_new[d]);
+      const V16 a = Load(src), c = Load(src + 16);
+      Store(kt_last + d * kKeyGroup, lane < ncv ? a : (lane == ncv ? own : V16{}));
+      Store(kt_last + d * kKeyGroup + 16, lane < ncv_hi ? c : (lane == ncv_hi ? own : V16{}));
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) {
+      float* row = kt_last + d * kKeyGroup;
+      std::memcpy(row, kt + d * S + j_last, sizeof(float) * n_cached);
+      row[n_cached] = k_new[d];
+      std::fill(row + n_cached + 1, row + kKeyGroup, 0.0f);
+    }
+  }
+  std::memcpy(v_last, v + j_last * D, sizeof(float) * n_cached * D);
+  std::memcpy(v_last + n_cached * D, v_new, sizeof(float) * D);
+  std::fill(v_last + (n_cached + 1) * D, v_last + kKeyGroup * D, 0.0f);
+  // The groups the row sees (as the prefill picks them for a one-row tile).
+  int64_t n_groups = 0;
+  for (int64_t g = 0; g <= last; ++g) {
+    if (pr.window > 0 && pos - (g * kKeyGroup + kKeyGroup - 1) >= pr.window) continue;
+    groups[n_groups++] = static_cast<int32_t>(g);
+  }
+  const bool last_only = n_groups == 1;  // groups[n_groups - 1] == last always
+  // Tiles of exactly the queries there are (G is often 3 or 4, fewer than kQueries).
+  static_assert(kQueries <= 8, "the switch below covers tiles of 1 to 8 queries");
+  for (int64_t first = 0; first < n_vec; first += kQueries) {
+    const int nq = static_cast<int>(std::min<int64_t>(kQueries, n_vec - first));
+    float* sv[kQueries];
+    float* sv_last[kQueries];
+    for (int i = 0; i < nq; ++i) {
+      const float* qn = pr.q + (b * H + h * G + first + i) * D;
+      for (int64_t d = 0; d < D; ++d) qd[d * nq + i] = qn[d];
+      sv[i] = scores + (first + i) * S_seen;
+      sv_last[i] = sv[i] + j_last;
+    }
+    auto tiles = [&](auto nq_const) {
+      constexpr int NQ = decltype(nq_const)::value;
+      for (int64_t g = 0; g + 1 < n_groups; ++g)
+        ScoreTile<NQ>(qd, kt, S, D, int64_t{groups[g]} * kKeyGroup, sv);
+      ScoreTile<NQ>(qd, kt_last, kKeyGroup, D, 0, sv_last);
+    };
+    switch (nq) {
+#define SI_SCORES_CASE(n)                                 \
+  case n:                                                 \
+    if constexpr (n <= kQueries) tiles(std::integral_constant<int, n>{}); \
+    break;
+      SI_SCORES_CASE(1)
+      SI_SCORES_CASE(2)
+      SI_SCORES_CASE(3)
+      SI_SCORES_CASE(4)
+      SI_SCORES_CASE(5)
+      SI_SCORES_CASE(6)
+      SI_SCORES_CASE(7)
+      SI_SCORES_CASE(8)
+#undef SI_SCORES_CASE
+    }
+  }
+  for (int64_t n = 0; n < n_vec; ++n)
+    totals[n] = SoftmaxRow(scores + n * S_seen, pr.slot_pos, pos, pr.window, groups, n_groups);
+  std::memset(scores + n_vec * S_seen, 0, sizeof(float) * S_seen * kValueQueries);
+  const int32_t last_group[1] = {0};
+  for (int64_t first = 0; first < n_vec; first += kValueQueries) {
+    for (int64_t c0 = 0; c0 < D; c0 += 16 * kValueCols) {
+      float* dst[kValueQueries];
+      for (int i = 0; i < kValueQueries; ++i) {
+        const int64_t n = first + i;
+        dst[i] = n < n_vec ? pr.out + (b * H + h * G + n) * D : spare;
+      }
+      if (!last_only)
+        ValueTile(scores + first * S_seen, S_seen, v, D, c0, groups, n_groups - 1, dst);
+      ValueTile(scores + first * S_seen + j_last, S_seen, v_last, D, c0, last_group, 1, dst,
+                !last_only);
+    }
+    for (int64_t n = first; n < std::min(first + kValueQueries, n_vec); ++n) {
+      float* o = pr.out + (b * H + h * G + n) * D;
+      const float total = totals[n] > 0.0f ? totals[n] : 1.0f;
       for (int64_t c = 0; c < D; ++c) o[c] = o[c] / total;
     }
   }

@@ -1,5 +1,6 @@
-// Causal self-attention for a prompt (prefill) on CPU, called from JAX through jax.ffi
-// (shardinfer/kernels/attention.py).
+// Attention on CPU, called from JAX through jax.ffi (shardinfer/kernels/attention.py): the
+// causal self-attention of a prompt (prefill), and a decode step's one query per row against
+// the KV cache (see "decode" below).
 //
 //   out[b, t, h] = sum_s softmax_s(q[b, t, h] . k[b, s, h / G]) v[b, s, h / G]
 //   over the keys s that query t sees: pos[b, s] <= pos[b, t] (and pos[b, t] - pos[b, s] <
@@ -18,7 +19,14 @@
 // Each output row depends only on its own query, keys and values: scores are sums over
 // head_dim in order, weighted values sums over keys in order, unseen keys add exact zeros. So
 // a row comes out the same bits in any batch, any tile and on any mesh. AVX-512 and AVX2 run
-// the same 16-float vector code (prefill_attention_isa.h), so they agree too.
+// the same 16-float vector code (attention_isa.h), so they agree too.
+//
+// Decode: q [B, H, D] (one query per row, scaled), the cache's kt [B, KV, D, S] and v
+// [B, KV, S, D] (slot s holds position s), this step's k_new, v_new [B, KV, D] and pos int32
+// [B] -> out [B, H, D]. Row b attends the slots before pos[b] (within the window) and its own
+// new key at pos[b], reading nothing of the cache past pos[b]: XLA's formulation reads every
+// slot of the cache's capacity, and at batch 32 its multiply-and-reduce was a third of a step.
+// A decode row gets the bits the prefill gives the same row of the whole prompt.
 
 #include <immintrin.h>
 
@@ -28,8 +36,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -58,6 +68,28 @@ struct Item {
   int64_t b, h, t0, t1;
 };
 
+// Decode: one query row per batch row against the cache (RunDecodeItem in attention_isa.h).
+struct DecodeProblem {
+  int64_t B, S, KV, G, D;
+  int32_t window;          // 0: none
+  const float* q;          // [B, KV * G, D]
+  const float* kt;         // [B, KV, D, S]: the cache's keys
+  const float* v;          // [B, KV, S, D]: its values
+  const float* k_new;      // [B, KV, D]: this step's key and value, at slot pos
+  const float* v_new;      // [B, KV, D]
+  const int32_t* pos;      // [B]
+  const int32_t* slot_pos; // [S rounded up to 32]: 0, 1, 2, ... (slot s holds position s)
+  float* out;              // [B, KV * G, D]
+};
+
+// Floats of scratch a decode item needs (RunDecodeItem's layout; kQueries <= 8,
+// kValueQueries <= 4 in every variant).
+static int64_t DecodeScratchFloats(const DecodeProblem& p) {
+  const int64_t s_seen = (p.S + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
+  return (p.G + 4) * s_seen + p.G + 8 * p.D + 2 * kKeyGroup * p.D + p.D + s_seen / kKeyGroup +
+         16;
+}
+
 // Floats of scratch an item needs (RunItem's layout).
 static int64_t ScratchFloats(const Problem& p, int64_t rows) {
   const int64_t n_vec = rows * p.G;
@@ -74,7 +106,7 @@ namespace avx2 {
 constexpr int kQueries = 3;       // 3 queries x 32 keys: 12 ymm accumulators
 constexpr int kValueQueries = 2;  // 2 queries x 32 columns: 8 ymm accumulators
 constexpr int kValueCols = 2;
-#include "prefill_attention_isa.h"
+#include "attention_isa.h"
 }  // namespace avx2
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -92,7 +124,7 @@ namespace avx512 {
 constexpr int kQueries = 8;       // 8 queries x 32 keys: 16 zmm accumulators
 constexpr int kValueQueries = 4;  // 4 queries x 64 columns: 16 zmm accumulators
 constexpr int kValueCols = 4;
-#include "prefill_attention_isa.h"
+#include "attention_isa.h"
 }  // namespace avx512
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -101,6 +133,7 @@ constexpr int kValueCols = 4;
 #endif
 
 using RunFn = void (*)(const Problem&, const Item&, float*);
+using DecodeFn = void (*)(const DecodeProblem&, int64_t, int64_t, float*);
 
 // 0: neither (the CPU lacks AVX2 + FMA), 1: AVX2, 2: AVX-512F.
 static int DetectIsa() {
@@ -115,9 +148,8 @@ static std::atomic<int> g_isa{g_best_isa};
 // items are claimed from a counter, the caller waits only for items a helper claimed, and a
 // helper that starts after the call ended finds nothing left (it holds only this).
 struct Shared {
-  Problem p;
-  RunFn run;
-  std::vector<Item> items;
+  std::function<void(int64_t, float*)> run;  // item i, with its scratch
+  int64_t n_items = 0;
   int64_t scratch_floats = 0;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -127,40 +159,47 @@ struct Shared {
     int64_t mine = 0;
     for (;;) {
       const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= static_cast<int64_t>(items.size())) break;
+      if (i >= n_items) break;
       if (scratch.empty()) scratch.resize(scratch_floats);
-      run(p, items[i], scratch.data());
+      run(i, scratch.data());
       ++mine;
     }
     if (mine) done.fetch_add(mine, std::memory_order_release);
   }
 };
 
-static void Compute(const Problem& p, RunFn run, ffi::ThreadPool* pool) {
-  auto sh = std::make_shared<Shared>();
-  sh->p = p;
-  sh->run = run;
-  // Items of a few rows, latest rows first: under a causal mask they see the most keys, so
-  // the long items start early and the short ones fill in at the end.
-  const int64_t rows = std::max<int64_t>(1, 24 / p.G);
-  for (int64_t t0 = (p.T - 1) / rows * rows; t0 >= 0; t0 -= rows)
-    for (int64_t b = 0; b < p.B; ++b)
-      for (int64_t h = 0; h < p.KV; ++h) sh->items.push_back({b, h, t0, std::min(p.T, t0 + rows)});
-  sh->scratch_floats = ScratchFloats(p, rows);
-  const int64_t work = p.B * p.H * p.T * p.S * p.D;
+// Runs items 0 .. n_items - 1 on the calling thread and, when `parallel`, helpers.
+static void RunItems(std::shared_ptr<Shared> sh, bool parallel, ffi::ThreadPool* pool) {
   int64_t helpers = 0;
-  if (pool != nullptr && work >= (int64_t{1} << 20))
-    helpers = std::min<int64_t>(pool->num_threads(), static_cast<int64_t>(sh->items.size()) - 1);
+  if (pool != nullptr && parallel)
+    helpers = std::min<int64_t>(pool->num_threads(), sh->n_items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool->Schedule([sh] { sh->Work(); });
   sh->Work();
   int spins = 0;
-  while (sh->done.load(std::memory_order_acquire) < static_cast<int64_t>(sh->items.size())) {
+  while (sh->done.load(std::memory_order_acquire) < sh->n_items) {
     if (++spins < 4096) {
       _mm_pause();
     } else {
       std::this_thread::yield();
     }
   }
+}
+
+static void Compute(const Problem& p, RunFn run, ffi::ThreadPool* pool) {
+  // Items of a few rows, latest rows first: under a causal mask they see the most keys, so
+  // the long items start early and the short ones fill in at the end.
+  std::vector<Item> items;
+  const int64_t rows = std::max<int64_t>(1, 24 / p.G);
+  for (int64_t t0 = (p.T - 1) / rows * rows; t0 >= 0; t0 -= rows)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.KV; ++h) items.push_back({b, h, t0, std::min(p.T, t0 + rows)});
+  auto sh = std::make_shared<Shared>();
+  sh->n_items = static_cast<int64_t>(items.size());
+  sh->scratch_floats = ScratchFloats(p, rows);
+  sh->run = [p, run, items = std::move(items)](int64_t i, float* scratch) {
+    run(p, items[i], scratch);
+  };
+  RunItems(sh, p.B * p.H * p.T * p.S * p.D >= (int64_t{1} << 20), pool);
 }
 
 static ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kt,
@@ -231,6 +270,69 @@ static ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   return ffi::Error::Success();
 }
 
+
+// ---- decode -------------------------------------------------------------------------------------
+
+static ffi::Error RunDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                            ffi::Buffer<ffi::F32> kt, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+                            ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out,
+                            int32_t window) {
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa == 0)
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      "shardinfer decode attention: this CPU lacks AVX2+FMA");
+  const auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions(),
+             knd = k_new.dimensions(), vnd = v_new.dimensions(), pd = pos.dimensions(),
+             od = out->dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || knd.size() != 3 ||
+      vnd.size() != 3 || pd.size() != 1 || od.size() != 3)
+    return ffi::Error::InvalidArgument(
+        "shardinfer decode attention: q, kt, v, k_new, v_new, pos, out must be 3-, 4-, 4-, 3-, "
+        "3-, 1-, 3-D");
+  DecodeProblem p;
+  p.B = qd[0], p.D = qd[2], p.KV = kd[1], p.S = kd[3];
+  const int64_t H = qd[1];
+  if (p.KV == 0 || H % p.KV || kd[0] != p.B || kd[2] != p.D || vd[0] != p.B ||
+      vd[1] != p.KV || vd[2] != p.S || vd[3] != p.D || knd[0] != p.B || knd[1] != p.KV ||
+      knd[2] != p.D || vnd[0] != p.B || vnd[1] != p.KV || vnd[2] != p.D || pd[0] != p.B ||
+      od[0] != p.B || od[1] != H || od[2] != p.D)
+    return ffi::Error::InvalidArgument("shardinfer decode attention: shapes do not agree");
+  if (p.D % 64)
+    return ffi::Error::InvalidArgument(
+        "shardinfer decode attention: head_dim must be a multiple of 64");
+  if (window < 0)
+    return ffi::Error::InvalidArgument("shardinfer decode attention: window must be >= 0");
+  if (p.B == 0 || H == 0) return ffi::Error::Success();
+  if (p.S == 0) {
+    std::fill_n(out->typed_data(), p.B * H * p.D, 0.0f);
+    return ffi::Error::Success();
+  }
+  p.G = H / p.KV;
+  p.window = window;
+  p.q = q.typed_data();
+  p.kt = kt.typed_data();
+  p.v = v.typed_data();
+  p.k_new = k_new.typed_data();
+  p.v_new = v_new.typed_data();
+  p.pos = pos.typed_data();
+  p.out = out->typed_data();
+  std::vector<int32_t> slot_pos((p.S + kKeyGroup - 1) / kKeyGroup * kKeyGroup);
+  for (size_t s = 0; s < slot_pos.size(); ++s) slot_pos[s] = static_cast<int32_t>(s);
+  p.slot_pos = slot_pos.data();
+  // One item per (batch row, kv head); split over threads when the keys read are many.
+  int64_t keys_read = 0;
+  for (int64_t b = 0; b < p.B; ++b)
+    keys_read += std::min<int64_t>(p.S, std::max<int32_t>(p.pos[b], 0) + 1);
+  const DecodeFn run = isa == 2 ? avx512::RunDecodeItem : avx2::RunDecodeItem;
+  auto sh = std::make_shared<Shared>();
+  sh->n_items = p.B * p.KV;
+  sh->scratch_floats = DecodeScratchFloats(p);
+  sh->run = [p, run](int64_t i, float* scratch) { run(p, i / p.KV, i % p.KV, scratch); };
+  RunItems(sh, keys_read * H * p.D >= (int64_t{1} << 18), &pool);
+  return ffi::Error::Success();
+}
+
 }  // namespace shardinfer_attention
 
 namespace sa = shardinfer_attention;
@@ -239,6 +341,17 @@ namespace sa = shardinfer_attention;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferPrefillAttention, sa::Run,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("window"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShardinferDecodeAttention, sa::RunDecode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

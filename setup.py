@@ -96,9 +96,7 @@ def _extensions() -> list[Extension]:
     return [
         Extension(
             "shardinfer.kernels._gguf_matmul",
-            sources=[
-                os.path.join(KERNEL_DIR, f) for f in ("gguf_matmul.cc", "attention.cc")
-            ],
+            sources=[os.path.join(KERNEL_DIR, f) for f in ("gguf_matmul.cc", "attention.cc")],
             depends=[
                 os.path.join(KERNEL_DIR, f)
                 for f in (
